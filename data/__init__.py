@@ -1,0 +1,1 @@
+"""Corpus library: readers, normalization, filters, dedup, the prepare pipeline, bundled assets."""

@@ -1,0 +1,1 @@
+"""Evaluation library: perplexity / bits per byte, JGLUE, generations, reports."""

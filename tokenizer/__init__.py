@@ -1,0 +1,1 @@
+"""Tokenizer library: loading, metrics, vocabulary extension."""
