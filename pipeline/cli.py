@@ -1,0 +1,207 @@
+"""`jpadapt`: run the pipeline's stages make-style, show their status, validate a YAML.
+
+    jpadapt run [CONFIG] [key=value ...] [--force]     every enabled stage, skipping what is up to date
+    jpadapt STAGE [CONFIG] [key=value ...] [--only] [--force]
+    jpadapt status [CONFIG] [key=value ...]            up to date / stale (why) / never run / incomplete
+    jpadapt validate [CONFIG] [key=value ...]          check a YAML without running anything
+
+Without CONFIG the bundled demo pipeline is used. Exit codes: 0 success, 1 a stage crashed (a bug: see its
+log), 2 bad input or configuration, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.config import DEFAULT_CONFIG, PipelineConfig, load_config
+from pipeline.errors import JpadaptError
+from pipeline.paths import display_path
+from pipeline.runner import ABSENT, DISABLED, UP_TO_DATE, Pipeline, StageCrashed, available_stages
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise JpadaptError(f"{message} (see `{self.prog} --help`)")
+
+
+def _split_positionals(items: list[str]) -> tuple[Path | None, list[str]]:
+    """`[CONFIG] [key=value ...]`: the one argument without '=' is the config file."""
+    configs = [item for item in items if "=" not in item]
+    if len(configs) > 1:
+        raise JpadaptError(f"expected at most one config file, got {', '.join(configs)}")
+    overrides = [item for item in items if "=" in item]
+    return (Path(configs[0]) if configs else None), overrides
+
+
+def _load(args: argparse.Namespace) -> tuple[PipelineConfig, Path]:
+    path, overrides = _split_positionals(args.args)
+    cfg = load_config(path, overrides)
+    return cfg, path or DEFAULT_CONFIG
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg, path = _load(args)
+    pipeline = Pipeline(cfg)
+    targets = [name for name in pipeline.stage_names() if cfg.enabled(name)]
+    if not targets:
+        raise JpadaptError(f"{path}: no enabled stage to run")
+    ran = pipeline.execute(targets, force=set(targets) if args.force else set())
+    _finish(pipeline, ran)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    cfg, _ = _load(args)
+    pipeline = Pipeline(cfg)
+    ran = pipeline.execute([args.command], force={args.command} if args.force else set(), only=args.only)
+    _finish(pipeline, ran)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg, path = _load(args)
+    pipeline = Pipeline(cfg)
+    print(f"config:  {display_path(path)}")
+    print(f"run dir: {pipeline.rundir.root}")
+    rows = pipeline.statuses()
+    width = max(len(row.name) for row in rows)
+    for row in rows:
+        detail = _status_detail(pipeline, row.name, row.state)
+        print(f"  {row.name:<{width}}  {row.state}{detail}")
+        for reason in row.reasons:
+            print(f"  {'':<{width}}    - {reason}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg, path = _load(args)
+    pipeline = Pipeline(cfg)
+    enabled = [name for name in pipeline.stage_names() if cfg.enabled(name)]
+    planned = [name.replace("_", "-") for name in _sections_without_stage(cfg, pipeline)]
+    print(f"{display_path(path)}: valid (run {cfg.run.name}, stages: {', '.join(enabled) or 'none'})")
+    if planned:
+        print(f"  sections for stages this version does not run yet: {', '.join(planned)}")
+    for problem in _input_problems(pipeline, enabled):
+        print(f"  not found yet (the stage will stop here): {problem}")
+    return 0
+
+
+def _input_problems(pipeline: Pipeline, stages: list[str]) -> list[str]:
+    problems = []
+    for name in stages:
+        spec = pipeline.spec(name)
+        if spec.inputs is None:
+            continue
+        try:
+            spec.inputs(pipeline.cfg)
+        except JpadaptError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _sections_without_stage(cfg: PipelineConfig, pipeline: Pipeline) -> list[str]:
+    from pipeline.config import STAGE_SECTIONS
+
+    built = {name.replace("-", "_") for name in pipeline.stage_names()}
+    return [s for s in STAGE_SECTIONS if s not in built and cfg.enabled(s)]
+
+
+def _status_detail(pipeline: Pipeline, name: str, state: str) -> str:
+    if state in (ABSENT, DISABLED):
+        return ""
+    manifest = pipeline.rundir.manifest(name)
+    if manifest is None:
+        return ""
+    return f"  (last finished {manifest['finished']}, {manifest['duration_s']:.1f} s)"
+
+
+def _finish(pipeline: Pipeline, ran: bool) -> None:
+    if not ran:
+        print(f"Nothing to do: every stage asked for is {UP_TO_DATE} ({pipeline.rundir.root}).")
+    else:
+        print(f"Outputs in {pipeline.rundir.root}")
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE]", help="pipeline YAML and overrides")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    parser = _Parser(prog="jpadapt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"jpadapt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    run = sub.add_parser("run", help="run every enabled stage, skipping what is up to date")
+    _add_common(run)
+    run.add_argument("--force", action="store_true", help="rerun every stage even if up to date")
+    commands["run"] = cmd_run
+
+    status = sub.add_parser("status", help="show each stage: up to date, stale (and why), never run, ...")
+    _add_common(status)
+    commands["status"] = cmd_status
+
+    validate = sub.add_parser("validate", help="check a pipeline YAML without running anything")
+    _add_common(validate)
+    commands["validate"] = cmd_validate
+
+    for spec in available_stages():
+        stage = sub.add_parser(spec.name, help=spec.description)
+        _add_common(stage)
+        stage.add_argument("--only", action="store_true", help="do not run out-of-date prerequisites")
+        stage.add_argument("--force", action="store_true", help="rerun this stage even if up to date")
+        commands[spec.name] = cmd_stage
+    return parser, commands
+
+
+def _unknown_command(name: str, commands: dict) -> str:
+    from pipeline.config import STAGE_SECTIONS
+
+    if name.replace("-", "_") in STAGE_SECTIONS:
+        return f"stage {name!r} is not available in jpadapt {__version__} yet (commands: {', '.join(commands)})"
+    return f"unknown command {name!r} (commands: {', '.join(commands)})"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (a scheduler or `kill`) unwinds like Ctrl-C, so the attempt is recorded as interrupted.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        parser, commands = build_parser()
+        argv = sys.argv[1:] if argv is None else argv
+        if argv and not argv[0].startswith("-") and argv[0] not in commands:
+            raise JpadaptError(_unknown_command(argv[0], commands))
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return commands[args.command](args)
+    except JpadaptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StageCrashed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the stage that was running is marked incomplete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

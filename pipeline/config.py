@@ -1,0 +1,427 @@
+"""The pipeline YAML as typed, validated settings.
+
+One YAML describes a run: `run`, `model`, `data`, and one section per stage. A stage section that is absent
+means the stage is not part of this pipeline; `enabled: false` keeps its settings but skips it.
+
+Validation is strict: unknown keys and wrong types are errors (an int is accepted where a float is expected,
+nothing else is coerced), and every message names the file, the line and the key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import JpadaptError
+from pipeline.yamlio import dump_yaml, key_lines, parse_yaml, read_yaml_file
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
+
+
+class StageSection(Section):
+    enabled: bool = Field(True, description="False keeps the settings but skips the stage.")
+
+
+def _as_list(value: Any) -> Any:
+    """Let a single path be written without list brackets."""
+    return [value] if isinstance(value, str) else value
+
+
+# --------------------------------------------------------------------------------------------- run, model, data
+
+
+class RunConfig(Section):
+    name: str = Field(description="Run directory name under output_dir.")
+    seed: int = Field(1234, ge=0, description="Base seed; each process adds its rank.")
+    output_dir: str = Field("runs", description="Parent folder of run directories (relative to the working dir).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("must start with a letter or digit and hold only letters, digits, '.', '_' and '-'")
+        return value
+
+
+class ModelConfig(Section):
+    path: str | None = Field(None, description="Local Hugging Face model folder (config.json + safetensors).")
+    from_config: dict[str, Any] | None = Field(
+        None, description="Build a randomly initialised model from these HF config values (demos, tests)."
+    )
+    preset: str | None = Field(None, description="Planner preset (architecture numbers only) when no folder exists.")
+    tokenizer: str | None = Field(
+        None, description="Bundled tokenizer name (llama2, llama3, qwen, llm-jp, mistral) or a path; default: path."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = Field(False, description="Run model code shipped inside the folder. Off unless needed.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.path is not None and self.from_config is not None:
+            raise ValueError("give either model.path or model.from_config, not both")
+        return self
+
+
+class CorpusConfig(Section):
+    train: list[str] = Field(min_length=1, description="Files or globs: .jsonl, .txt, .parquet (.gz/.xz allowed).")
+    heldout: list[str] = Field(
+        default_factory=list, description="Held-out files; if empty, prepare splits off prepare.heldout_fraction."
+    )
+    format: Literal["auto", "jsonl", "text", "parquet"] = Field("auto", description="auto: from the file suffix.")
+    text_field: str = Field("text", description="Field holding the text in JSONL/Parquet records.")
+    id_field: str | None = Field("id", description="Records sharing this field's value stay in one split.")
+    text_unit: Literal["file", "paragraph", "line"] = Field(
+        "paragraph", description="Plain text only: what one document is (paragraphs are blank-line separated)."
+    )
+
+    _lists = field_validator("train", "heldout", mode="before")(_as_list)
+
+
+class DataConfig(Section):
+    ja: CorpusConfig
+    en: CorpusConfig | None = Field(None, description="English replay corpus (needed when cpt.replay_ratio > 0).")
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="Drop documents whose normalized text was already seen.")
+    near: bool = Field(True, description="Drop near-duplicates (MinHash LSH over character n-grams).")
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity above which docs are dups.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (accuracy vs speed).")
+    ngram: int = Field(5, ge=1, le=64, description="Character n-gram (shingle) length.")
+
+
+class PrepareConfig(StageSection):
+    normalization: Literal["NFKC", "NFC", "NFKD", "NFD", "none"] = "NFKC"
+    min_chars: int = Field(50, ge=1, description="Drop documents shorter than this (after normalization).")
+    max_chars: int = Field(2_000_000, ge=1, description="Drop documents longer than this.")
+    min_japanese_ratio: float = Field(
+        0.5, ge=0, le=1, description="Japanese side: minimum share of kana/kanji among non-space characters."
+    )
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Held-out share when no held-out file is given.")
+    shard_size_mb: int = Field(64, ge=1, description="Maximum size of one output shard.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="Corrupt line: stop with an error, or count it.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> PrepareConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"prepare.min_chars ({self.min_chars}) is larger than prepare.max_chars ({self.max_chars})")
+        return self
+
+
+BUNDLED_TOKENIZERS = ("llama2", "llama3", "qwen", "llm-jp", "mistral")
+
+
+class TokenizerReportConfig(StageSection):
+    tokenizers: dict[str, str] = Field(
+        default_factory=lambda: {name: name for name in BUNDLED_TOKENIZERS},
+        description="Display name -> bundled tokenizer name or path.",
+    )
+    baseline: str = Field("llama2", description="Costs are reported relative to this tokenizer.")
+    compute_params: int = Field(7_000_000_000, gt=0, description="N in 6*N*D when comparing training compute.")
+    context_length: int = Field(4096, gt=0, description="Context size for the 'characters per context' figure.")
+    max_documents: int | None = Field(None, gt=0, description="Use only the first N held-out documents.")
+
+    @model_validator(mode="after")
+    def _baseline_known(self) -> TokenizerReportConfig:
+        if self.baseline not in self.tokenizers:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the tokenizers {sorted(self.tokenizers)}")
+        return self
+
+
+class ExtendVocabConfig(StageSection):
+    new_tokens: int = Field(16000, gt=0, description="Japanese tokens to add to the base vocabulary.")
+    algorithm: Literal["bpe", "unigram"] = "bpe"
+    morpheme_pretokenize: bool = Field(True, description="Learn candidates on fugashi-segmented text.")
+    pad_to_multiple_of: int = Field(64, ge=1, description="Model vocabulary padded to a multiple of this.")
+    init: Literal["mean", "random", "focus"] = Field("mean", description="How new embedding rows start.")
+    max_training_chars: int | None = Field(None, gt=0, description="Cap on the text used to learn candidates.")
+
+
+class PlanConfig(StageSection):
+    gpu: str = Field("H100-80GB", description="GPU kind from the planner's catalog.")
+    mfu: float = Field(0.4, gt=0, le=1, description="Model FLOPs utilisation assumed for time estimates.")
+    price_per_gpu_hour: float = Field(2.5, ge=0, description="US$ per GPU-hour for cost estimates.")
+
+
+class CptConfig(StageSection):
+    replay_ratio: float = Field(0.1, ge=0, lt=1, description="Share of English tokens in the training mixture.")
+    seq_len: int = Field(2048, ge=8)
+    micro_batch_size: int = Field(1, ge=1, description="Sequences per GPU per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro batches per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; default: what train_tokens implies.")
+    train_tokens: int | None = Field(None, gt=0, description="Token budget of the stage.")
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(100, ge=0, description="Re-warming steps from 0 to lr.")
+    weight_decay: float = Field(0.1, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = Field(False, description="ZeRO-3 only.")
+    num_gpus: int = Field(1, ge=1, description="Processes per node.")
+    num_nodes: int = Field(1, ge=1)
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile, needed when num_nodes > 1.")
+    master_port: int = Field(29500, ge=1024, le=65535)
+    accelerator: Literal["auto", "cuda", "cpu"] = "auto"
+    eval_every: int = Field(100, ge=1)
+    save_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @field_validator("adam_betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CptConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
+        if self.num_nodes > 1 and self.hostfile is None:
+            raise ValueError("num_nodes > 1 needs a hostfile listing the nodes")
+        if self.max_steps is None and self.train_tokens is None:
+            raise ValueError("give max_steps or train_tokens (how long to train)")
+        return self
+
+
+class SftConfig(StageSection):
+    data: list[str] = Field(
+        default_factory=lambda: ["bundled:instruct/ja_instruct_train.jsonl"],
+        description="Instruction (instruction/input/output) or chat (messages) JSONL files.",
+    )
+    heldout: list[str] = Field(default_factory=lambda: ["bundled:instruct/ja_instruct_heldout.jsonl"])
+    base_model: str | None = Field(None, description="HF folder to tune; default: the cpt output, else model.path.")
+    template: str | None = Field(None, description="Prompt template when the tokenizer has no chat template.")
+    max_seq_len: int = Field(1024, ge=8)
+    packing: bool = True
+    quantization: Literal["nf4", "none"] = Field("nf4", description="nf4 = QLoRA, none = plain LoRA.")
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
+    num_gpus: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    merge: bool = Field(False, description="Also save base + LoRA merged into a plain bf16 model folder.")
+
+    _lists = field_validator("data", "heldout", mode="before")(_as_list)
+
+    @model_validator(mode="after")
+    def _qlora_zero3(self) -> SftConfig:
+        if self.quantization == "nf4" and self.zero_stage == 3:
+            raise ValueError(
+                "QLoRA (quantization nf4) cannot run under ZeRO-3: ZeRO-3 partitions parameters as float tensors "
+                "and cannot shard bitsandbytes 4-bit weights; use zero_stage 2 or quantization none"
+            )
+        return self
+
+
+class EvaluateConfig(StageSection):
+    extra_models: list[str] = Field(default_factory=list, description="More HF folders to put in the table.")
+    max_documents: int | None = Field(None, gt=0, description="Held-out documents used for perplexity.")
+    window: int = Field(1024, ge=8, description="Sliding-window length for long documents.")
+    stride: int = Field(512, ge=1)
+    tasks: list[Literal["jcommonsenseqa", "jnli"]] = Field(default_factory=lambda: ["jcommonsenseqa", "jnli"])
+    num_fewshot: list[int] = Field(default_factory=lambda: [0])
+    limit: int | None = Field(None, gt=0, description="Score only the first N items of each task.")
+    max_new_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _stride(self) -> EvaluateConfig:
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) is larger than window ({self.window})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- the whole file
+
+STAGE_SECTIONS = ("prepare", "tokenizer_report", "extend_vocab", "plan", "cpt", "sft", "evaluate")
+
+
+class PipelineConfig(Section):
+    run: RunConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    prepare: PrepareConfig | None = None
+    tokenizer_report: TokenizerReportConfig | None = None
+    extend_vocab: ExtendVocabConfig | None = None
+    plan: PlanConfig | None = None
+    cpt: CptConfig | None = None
+    sft: SftConfig | None = None
+    evaluate: EvaluateConfig | None = None
+
+    def section(self, stage: str) -> StageSection | None:
+        return getattr(self, stage.replace("-", "_"))
+
+    def enabled(self, stage: str) -> bool:
+        section = self.section(stage)
+        return section is not None and section.enabled
+
+
+
+def cross_section_problems(cfg: PipelineConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Rules that span sections, as (key path, message) so errors can point at the right line."""
+    problems = []
+    has_model = cfg.model.path is not None or cfg.model.from_config is not None
+    if cfg.enabled("cpt"):
+        if cfg.cpt.replay_ratio > 0 and cfg.data.en is None:
+            problems.append(
+                (("cpt", "replay_ratio"), f"is {cfg.cpt.replay_ratio} but data.en (the English replay corpus) is missing")
+            )
+        if not has_model:
+            problems.append((("cpt",), "needs a model: set model.path or model.from_config"))
+    if cfg.enabled("sft") and not has_model and cfg.sft.base_model is None and not cfg.enabled("cpt"):
+        problems.append((("sft",), "needs a model: set model.path, model.from_config or sft.base_model"))
+    if cfg.enabled("extend_vocab") and cfg.model.tokenizer is None and cfg.model.path is None:
+        problems.append((("extend_vocab",), "needs a base tokenizer: set model.tokenizer or model.path"))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`cpt.lr=1e-5` -> (["cpt", "lr"], 1e-5); the value is read as YAML so types work as in the file."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise JpadaptError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. cpt.lr=1e-5")
+    return key.split("."), parse_yaml(raw, f"override {item!r}") if raw else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict[tuple[str, ...], str]:
+    """Set each dotted override in the raw mapping; return {key path: override text} for error messages."""
+    origins: dict[tuple[str, ...], str] = {}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise JpadaptError(f"override {item!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+        origins[tuple(path)] = item
+    return origins
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline YAML (the bundled demo when `path` is None)."""
+    path = DEFAULT_CONFIG if path is None else path
+    raw, text = read_yaml_file(path)
+    if raw is None:
+        raise JpadaptError(f"{path}: the file is empty")
+    if not isinstance(raw, dict):
+        raise JpadaptError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
+    origins = apply_overrides(raw, overrides or [])
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise JpadaptError(_describe(exc, path, text, origins)) from None
+    problems = cross_section_problems(cfg)
+    if problems:
+        lines = key_lines(text)
+        raise JpadaptError(
+            "\n".join(f"{_where(loc, path, lines, origins)}: {'.'.join(loc)}: {msg}" for loc, msg in problems)
+        )
+    return cfg
+
+
+def resolved_yaml(cfg: PipelineConfig) -> str:
+    """The fully resolved config (defaults filled in), as saved into the run directory."""
+    return dump_yaml(cfg.model_dump(mode="json", exclude_none=False))
+
+
+# --------------------------------------------------------------------------------------------- error messages
+
+
+def _describe(exc: ValidationError, path: Path, text: str, origins: dict[tuple[str, ...], str]) -> str:
+    """One line per problem: `file:line: key.path: what is wrong`, or the override that caused it."""
+    lines = key_lines(text)
+    messages = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"] if not _is_union_tag(part))
+        messages.append(f"{_where(loc, path, lines, origins)}: {_explain(error, loc)}")
+    return "\n".join(dict.fromkeys(messages))
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic inserts the union member's name into the location (e.g. 'list[str]'); users never wrote those.
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "literal"})
+
+
+def _where(loc: tuple[str, ...], path: Path, lines: dict, origins: dict) -> str:
+    for origin, item in origins.items():
+        shared = min(len(origin), len(loc))
+        if shared and origin[:shared] == loc[:shared]:
+            return f"override {item!r}"
+    for length in range(len(loc), 0, -1):
+        if loc[:length] in lines:
+            return f"{path}:{lines[loc[:length]]}"
+    return str(path)
+
+
+def _explain(error: dict, loc: tuple[str, ...]) -> str:
+    key = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        suggestion = f" (did you mean {'.'.join((*loc[:-1], hint[0]))!r}?)" if hint else f" (known: {', '.join(known)})"
+        return f"{key}: unknown key{suggestion}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind in {"model_type", "dict_type"}:
+        return f"{key}: must be a section (a mapping of keys)"
+    message = str(error["msg"]).replace("Input should be", "must be").replace("Value error, ", "")
+    if kind in {"value_error", "assertion_error"} and loc == ():
+        return message
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None and kind != "none_required" else f" (got {got!r})"
+    return f"{key}: {message}{shown}"
+
+
+def _known_keys(loc: tuple[str, ...]) -> list[str]:
+    model: Any = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(part) if _is_model(model) else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    return sorted(model.model_fields) if _is_model(model) else []
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel inside `X | None` annotations, if any."""
+    if _is_model(annotation):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            if _is_model(arg):
+                return arg
+    return None

@@ -1,0 +1,340 @@
+"""Make-style execution: order stages, decide what is up to date, run the rest, commit atomically."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipeline import __version__
+from pipeline.config import PipelineConfig, resolved_yaml
+from pipeline.errors import JpadaptError
+from pipeline.fingerprint import explain_change, fingerprint, library_version, stage_state
+from pipeline.hashing import HashCache
+from pipeline.paths import display_path
+from pipeline.rundir import RunDir, now_iso
+from pipeline.stage import BOOKKEEPING, LOG, StageContext, StageSpec
+
+UP_TO_DATE = "up to date"
+STALE = "stale"
+NEVER_RUN = "never run"
+INCOMPLETE = "incomplete"
+RUNNING = "running"
+DISABLED = "disabled"
+ABSENT = "not in config"
+ERROR = "error"
+
+
+class StageCrashed(Exception):
+    """A stage raised something other than JpadaptError: a bug, reported with a pointer to its log."""
+
+
+@dataclass
+class StageStatus:
+    name: str
+    state: str
+    reasons: list[str] = field(default_factory=list)
+    current: dict[str, Any] | None = None
+
+
+def available_stages() -> list[StageSpec]:
+    from stages import STAGES
+
+    return list(STAGES)
+
+
+class Pipeline:
+    """One pipeline YAML bound to its run directory."""
+
+    def __init__(self, cfg: PipelineConfig, specs: list[StageSpec] | None = None, out: TextIO = sys.stdout):
+        self.cfg = cfg
+        self.specs = {spec.name: spec for spec in _ordered(specs if specs is not None else available_stages())}
+        self.rundir = RunDir(Path(cfg.run.output_dir) / cfg.run.name)
+        self.cache = HashCache(self.rundir.root / ".cache" / "hashes.json")
+        self.out = out
+        self._check_requirements()
+
+    # ------------------------------------------------------------------ graph
+
+    def stage_names(self) -> list[str]:
+        return list(self.specs)
+
+    def spec(self, name: str) -> StageSpec:
+        if name not in self.specs:
+            raise JpadaptError(f"unknown stage {name!r} (stages: {', '.join(self.specs)})")
+        return self.specs[name]
+
+    def reads(self, name: str) -> list[str]:
+        """Prerequisites whose outputs the stage reads in this config."""
+        spec = self.specs[name]
+        return [*spec.requires, *(u for u in spec.uses if u in self.specs and self.cfg.enabled(u))]
+
+    def closure(self, name: str) -> list[str]:
+        """The stage and everything it reads, transitively, in pipeline order."""
+        wanted = {name}
+        for stage in reversed(self.stage_names()):
+            if stage in wanted:
+                wanted.update(self.reads(stage))
+        return [stage for stage in self.stage_names() if stage in wanted]
+
+    def _check_requirements(self) -> None:
+        for name, spec in self.specs.items():
+            if not self.cfg.enabled(name):
+                continue
+            for required in spec.requires:
+                if not self.cfg.enabled(required):
+                    why = "not in the config" if self.cfg.section(required) is None else "disabled"
+                    raise JpadaptError(f"stage {name} needs stage {required}, which is {why}")
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, name: str, prerequisite_states: dict[str, StageStatus] | None = None) -> StageStatus:
+        spec = self.specs[name]
+        if self.cfg.section(name) is None:
+            return StageStatus(name, ABSENT)
+        if not self.cfg.enabled(name):
+            return StageStatus(name, DISABLED)
+        attempt = self.rundir.attempt(name)
+        if attempt is not None and attempt.alive:
+            return StageStatus(name, RUNNING, [f"pid {attempt.pid} since {attempt.started}"])
+        manifest = self.rundir.manifest(name)
+        upstream = {}
+        for required in self.reads(name):
+            upstream_manifest = self.rundir.manifest(required)
+            if upstream_manifest is None:
+                state = INCOMPLETE if attempt is not None else NEVER_RUN
+                return StageStatus(name, state, [f"waits on {required}, which has no finished outputs"])
+            upstream[required] = upstream_manifest
+        try:
+            current = stage_state(spec, self.cfg, upstream, self.cache)
+        except JpadaptError as exc:
+            return StageStatus(name, ERROR, [str(exc)])
+        if attempt is not None:
+            return StageStatus(name, INCOMPLETE, [attempt.describe()], current)
+        if manifest is None:
+            return StageStatus(name, NEVER_RUN, [], current)
+        reasons = []
+        if manifest["fingerprint"] != fingerprint(current):
+            reasons += explain_change(manifest["state"], current)
+        reasons += self._changed_outputs(name, manifest)
+        for required in self.reads(name):
+            before = (prerequisite_states or {}).get(required)
+            if before is not None and before.state != UP_TO_DATE:
+                reasons.append(f"prerequisite {required} is {before.state}")
+        return StageStatus(name, STALE if reasons else UP_TO_DATE, reasons, current)
+
+    def statuses(self) -> list[StageStatus]:
+        result: dict[str, StageStatus] = {}
+        for name in self.stage_names():
+            result[name] = self.status(name, result)
+        self.cache.save()
+        return list(result.values())
+
+    def _changed_outputs(self, name: str, manifest: dict[str, Any]) -> list[str]:
+        stage_dir = self.rundir.stage_dir(name)
+        reasons = []
+        for rel, entry in manifest["outputs"].items():
+            path = stage_dir / rel
+            if not path.is_file():
+                reasons.append(f"output {rel} is missing")
+            elif path.stat().st_size != entry["size"] or self.cache.sha256(path) != entry["sha256"]:
+                reasons.append(f"output {rel} was modified")
+        return reasons
+
+    # ------------------------------------------------------------------ execution
+
+    def execute(self, targets: list[str], force: set[str], only: bool = False) -> bool:
+        """Run `targets` (and, unless `only`, their out-of-date prerequisites). True if anything ran."""
+        for name in targets:
+            if not self.cfg.enabled(name):
+                why = "not in the config" if self.cfg.section(name) is None else "disabled (enabled: false)"
+                raise JpadaptError(f"stage {name} is {why}")
+        plan = targets if only else _merge_ordered([self.closure(t) for t in targets], self.stage_names())
+        self.rundir.lock()
+        try:
+            self._write_config()
+            ran = False
+            states: dict[str, StageStatus] = {}
+            for name in plan:
+                status = self.status(name, states)
+                if status.state == ERROR:
+                    raise JpadaptError(status.reasons[0])
+                if status.state == RUNNING:
+                    raise JpadaptError(f"stage {name} is running in another process ({status.reasons[0]})")
+                if only and any(self.rundir.manifest(r) is None for r in self.reads(name)):
+                    raise JpadaptError(f"{name}: {status.reasons[0]}; run `jpadapt {name}` without --only first")
+                if status.state == UP_TO_DATE and name not in force:
+                    self._say(f"{name}: up to date")
+                else:
+                    self._run_one(name, status, forced=name in force)
+                    ran = True
+                    status = StageStatus(name, UP_TO_DATE)
+                states[name] = status
+            return ran
+        finally:
+            self.cache.save()
+            self.rundir.unlock()
+
+    def _run_one(self, name: str, status: StageStatus, forced: bool) -> None:
+        spec = self.specs[name]
+        current = status.current
+        if current is None:
+            raise JpadaptError(f"{name}: {'; '.join(status.reasons) or 'cannot compute its inputs'}")
+        why = "forced" if forced else (status.state if not status.reasons else f"{status.state}: {'; '.join(status.reasons)}")
+        self._say(f"{name}: running ({why})")
+        fp = fingerprint(current)
+        work, resuming = self.rundir.begin(name, fp, spec.resumable)
+        logger, handlers = _stage_logger(name, work / LOG)
+        from data.seed import set_seed
+
+        ctx = StageContext(
+            name=name,
+            out_dir=work,
+            run_dir=self.rundir.root,
+            seed=set_seed(self.cfg.run.seed),
+            log=logger,
+            resuming=resuming,
+            prerequisites={r: self.rundir.stage_dir(r) for r in self.reads(name)},
+        )
+        started, clock = now_iso(), time.monotonic()
+        try:
+            summary = spec.run(self.cfg, ctx) or {}
+            missing = [rel for rel in spec.outputs if not (work / rel).exists()]
+            if missing:
+                raise RuntimeError(f"stage finished without writing {', '.join(missing)}")
+        except JpadaptError as exc:
+            logger.error("%s", exc)
+            self.rundir.fail(name, "failed", str(exc))
+            raise JpadaptError(f"{name}: {exc}") from None
+        except (KeyboardInterrupt, SystemExit):
+            self.rundir.fail(name, "interrupted", None)
+            raise
+        except Exception as exc:
+            logger.error("stage crashed:\n%s", traceback.format_exc())
+            self.rundir.fail(name, "crashed", f"{type(exc).__name__}: {exc}")
+            raise StageCrashed(
+                f"{name} crashed: {type(exc).__name__}: {exc} (traceback in {work / LOG})"
+            ) from exc
+        finally:
+            _close_handlers(logger, handlers)
+        duration = time.monotonic() - clock
+        manifest = self._manifest(spec, current, fp, started, duration, summary, work)
+        self.rundir.commit(name, manifest)
+        self._say(f"{name}: done in {duration:.1f} s{_summary_line(summary)}")
+
+    def _manifest(
+        self, spec: StageSpec, current: dict, fp: str, started: str, duration: float, summary: dict, work: Path
+    ) -> dict[str, Any]:
+        inputs = {}
+        if spec.inputs is not None:
+            for key, files in spec.inputs(self.cfg).items():
+                inputs[key] = [{"path": display_path(p), **self.cache.describe(p)} for p in files]
+        outputs = {
+            path.relative_to(work).as_posix(): self.cache.describe(path)
+            for path in sorted(work.rglob("*"))
+            if path.is_file() and path.relative_to(work).as_posix() not in BOOKKEEPING
+        }
+        return {
+            "stage": spec.name,
+            "status": "done",
+            "fingerprint": fp,
+            "started": started,
+            "finished": now_iso(),
+            "duration_s": round(duration, 3),
+            "seed": self.cfg.run.seed,
+            "config": current["params"],
+            "inputs": inputs,
+            "upstream": current["upstream"],
+            "outputs": outputs,
+            "summary": summary,
+            "environment": _environment(spec),
+            "state": current,
+        }
+
+    def _write_config(self) -> None:
+        path = self.rundir.root / "config.yaml"
+        tmp = path.with_name(".config.yaml.tmp")
+        tmp.write_text(resolved_yaml(self.cfg), encoding="utf-8")
+        tmp.replace(path)
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+
+def _ordered(specs: list[StageSpec]) -> list[StageSpec]:
+    """Keep the registry order, but check it is a valid topological order of `requires`/`uses`."""
+    seen: set[str] = set()
+    names = {spec.name for spec in specs}
+    for spec in specs:
+        for dep in (*spec.requires, *spec.uses):
+            if dep in names and dep not in seen:
+                raise ValueError(f"stage {spec.name} is listed before its prerequisite {dep}")
+        seen.add(spec.name)
+    return specs
+
+
+def _merge_ordered(groups: list[list[str]], order: list[str]) -> list[str]:
+    wanted = {name for group in groups for name in group}
+    return [name for name in order if name in wanted]
+
+
+def _stage_logger(name: str, path: Path) -> tuple[logging.Logger, list[logging.Handler]]:
+    """Stage messages go to the console and to the stage's log.txt; library warnings to the log too."""
+    logger = logging.getLogger(f"jpadapt.{name}")
+    logger.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"  [{name}] %(message)s"))
+    logger.addHandler(console)
+    logging.getLogger().addHandler(file_handler)
+    return logger, [console, file_handler]
+
+
+def _close_handlers(logger: logging.Logger, handlers: list[logging.Handler]) -> None:
+    console, file_handler = handlers
+    logger.removeHandler(console)
+    logging.getLogger().removeHandler(file_handler)
+    file_handler.close()
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
+    scalars = [f"{key} {value}" for key, value in summary.items() if isinstance(value, (str, int, float))]
+    return f" ({', '.join(scalars)})" if scalars else ""
+
+
+def _environment(spec: StageSpec) -> dict[str, Any]:
+    commit, dirty = _git_commit()
+    libraries = {dist: library_version(dist) for dist in ("pydantic", "pyyaml", *spec.libraries)}
+    return {
+        "jpadapt": __version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "libraries": libraries,
+    }
+
+
+def _git_commit() -> tuple[str | None, bool | None]:
+    """The commit of the jpadapt source in use, when it runs from a git checkout."""
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, bool(changes.strip())

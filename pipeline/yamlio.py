@@ -1,0 +1,97 @@
+"""Reading pipeline YAML safely: `yaml.safe_load` semantics, plus the checks a config file deserves.
+
+- YAML 1.1 reads `1e-5` as a string; configs are full of learning rates, so floats follow YAML 1.2 here.
+- A duplicated key is an error (plain PyYAML silently keeps the last one).
+- Errors name the file and line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import JpadaptError
+
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats and duplicate-key detection."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+_StrictSafeLoader.add_constructor("tag:yaml.org,2002:map", _StrictSafeLoader.construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error becomes a JpadaptError naming `source:line`."""
+    try:
+        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise JpadaptError(f"{where}: invalid YAML: {problem}") from None
+
+
+def read_yaml_file(path: Path) -> tuple[Any, str]:
+    """Return (parsed data, text) of a YAML file, with clear errors for missing or undecodable files."""
+    if not path.exists():
+        raise JpadaptError(f"{path}: config file not found")
+    if not path.is_file():
+        raise JpadaptError(f"{path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise JpadaptError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    return parse_yaml(text, str(path)), text
+
+
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML document to its 1-based line, so schema errors can point at a line."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = (*prefix, str(key_node.value))
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[(*prefix, str(index))] = item.start_mark.line + 1
+                walk(item, (*prefix, str(index)))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def dump_yaml(data: Any) -> str:
+    """Deterministic YAML: key order kept, unicode as is."""
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
