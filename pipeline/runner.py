@@ -32,6 +32,10 @@ ABSENT = "not in config"
 ERROR = "error"
 
 
+# Reaches the stage's log.txt (through the root logger) but not the console, where the CLI prints the error.
+_LOG_ONLY = logging.getLogger("jpadapt.runner")
+
+
 class StageCrashed(Exception):
     """A stage raised something other than JpadaptError: a bug, reported with a pointer to its log."""
 
@@ -210,14 +214,14 @@ class Pipeline:
             if missing:
                 raise RuntimeError(f"stage finished without writing {', '.join(missing)}")
         except JpadaptError as exc:
-            logger.error("%s", exc)
+            _LOG_ONLY.error("%s", exc)
             self.rundir.fail(name, "failed", str(exc))
             raise JpadaptError(f"{name}: {exc}") from None
         except (KeyboardInterrupt, SystemExit):
             self.rundir.fail(name, "interrupted", None)
             raise
         except Exception as exc:
-            logger.error("stage crashed:\n%s", traceback.format_exc())
+            _LOG_ONLY.error("stage crashed:\n%s", traceback.format_exc())
             self.rundir.fail(name, "crashed", f"{type(exc).__name__}: {exc}")
             raise StageCrashed(
                 f"{name} crashed: {type(exc).__name__}: {exc} (traceback in {work / LOG})"
@@ -286,12 +290,13 @@ def _merge_ordered(groups: list[list[str]], order: list[str]) -> list[str]:
 
 
 def _stage_logger(name: str, path: Path) -> tuple[logging.Logger, list[logging.Handler]]:
-    """Stage messages go to the console and to the stage's log.txt; library warnings to the log too."""
+    """Stage messages go to stdout and to the stage's log.txt; library warnings to the log too.
+    stderr stays for the one `error:` line a failure prints."""
     logger = logging.getLogger(f"jpadapt.{name}")
     logger.setLevel(logging.INFO)
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    console = logging.StreamHandler(sys.stderr)
+    console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter(f"  [{name}] %(message)s"))
     logger.addHandler(console)
     logging.getLogger().addHandler(file_handler)

@@ -130,3 +130,21 @@ def test_resolved_yaml_round_trips() -> None:
     again = parse_yaml(resolved_yaml(cfg), "resolved")
     assert again["prepare"]["min_chars"] == 77
     assert again["prepare"]["dedup"]["num_perm"] == 128  # defaults are written out
+
+
+def _leaf_keys(model, prefix: str = "") -> list[str]:
+    from pipeline.config import _model_in
+
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = _model_in(field.annotation)
+        keys += _leaf_keys(sub, f"{prefix}{name}.") if sub is not None else [f"{prefix}{name}"]
+    return keys
+
+
+def test_readme_documents_every_config_key() -> None:
+    from pipeline.config import PipelineConfig
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    missing = [key for key in _leaf_keys(PipelineConfig) if not key.startswith("data.en.") and f"`{key}`" not in readme]
+    assert missing == [], f"add these keys to the README's YAML reference: {missing}"
