@@ -138,7 +138,8 @@ class Pipeline:
         result: dict[str, StageStatus] = {}
         for name in self.stage_names():
             result[name] = self.status(name, result)
-        self.cache.save()
+        if self.rundir.root.exists():  # `status` on a run that never started leaves no trace
+            self.cache.save()
         return list(result.values())
 
     def _changed_outputs(self, name: str, manifest: dict[str, Any]) -> list[str]:

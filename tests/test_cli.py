@@ -153,3 +153,10 @@ def test_run_twice_status_and_override(tmp_path: Path) -> None:
     assert "- prepare.min_chars: 5 -> 20" in status.stdout
     validate = jpadapt("validate", str(path), cwd=tmp_path)
     assert validate.returncode == 0 and "valid" in validate.stdout
+
+
+def test_status_of_a_run_that_never_started_writes_nothing(tmp_path: Path) -> None:
+    result = jpadapt("status", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "prepare  never run" in result.stdout
+    assert list(tmp_path.iterdir()) == []
