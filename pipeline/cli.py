@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from pipeline.errors import JpadaptError
-from pipeline.paths import display_path
+from pipeline.paths import display_path, resolve_files
 from pipeline.runner import ABSENT, DISABLED, UP_TO_DATE, Pipeline, StageCrashed, available_stages
 
 
@@ -109,6 +109,79 @@ def _input_problems(pipeline: Pipeline, stages: list[str]) -> list[str]:
     return problems
 
 
+def cmd_compare_tokenizers(args: argparse.Namespace) -> int:
+    """Ad-hoc comparison on any corpus, no YAML: writes metrics.json/.csv, report.md and report.html."""
+    from tokenizer.compare import Corpus, compare, corpus_stem, reference_notes, write_outputs
+    from tokenizer.load import BUNDLED, load_tokenizer
+
+    corpora = _corpora_from_args(args.corpus, corpus_stem)
+    specs = _tokenizer_args(args.tokenizer or list(BUNDLED))
+    baseline = args.baseline or next(iter(specs))
+    if baseline not in specs:
+        raise JpadaptError(f"--baseline {baseline!r} is not one of the tokenizers ({', '.join(specs)})")
+    tokenizers = {name: load_tokenizer(spec, name=name) for name, spec in specs.items()}
+    metrics = compare(
+        [Corpus(stem, files) for stem, files in corpora.items()],
+        tokenizers,
+        baseline=baseline,
+        compute_params=args.compute_params,
+        context_length=args.context_length,
+        max_documents=args.max_documents,
+        text_field=args.text_field,
+    )
+    for stem, files in corpora.items():
+        if [display_path(f) for f in files] == ["bundled:corpus/ja_heldout.jsonl"] and args.max_documents is None:
+            metrics["notes"] += reference_notes(metrics, stem, "Same text as the reference: differences are rounding.")
+    written = write_outputs(metrics, args.out)
+    _print_chars_per_token(metrics)
+    print(f"Report: {written[-1] if written else args.out}")
+    return 0
+
+
+def _corpora_from_args(items: list[str], corpus_stem: Callable[[Path], str]) -> dict[str, list[Path]]:
+    corpora: dict[str, list[Path]] = {}
+    for item in items:
+        files = resolve_files([item], f"--corpus {item}")
+        stem = corpus_stem(files[0]) if len(files) == 1 else Path(item).parent.name or "corpus"
+        if stem in corpora:
+            raise JpadaptError(f"--corpus {item}: another corpus is already named {stem!r}")
+        corpora[stem] = files
+    return corpora
+
+
+def _tokenizer_args(items: list[str]) -> dict[str, str]:
+    """`NAME=PATH_OR_BUNDLED` or just a bundled name."""
+    specs: dict[str, str] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        name, spec = (name, spec) if sep else (item, item)
+        if not name or not spec:
+            raise JpadaptError(f"--tokenizer {item!r}: expected NAME=PATH_OR_BUNDLED, e.g. qwen=bundled or mine=./tok")
+        if name in specs:
+            raise JpadaptError(f"--tokenizer {item!r}: the name {name!r} is given twice")
+        specs[name] = spec
+    return specs
+
+
+def _print_chars_per_token(metrics: dict) -> None:
+    stems = list(metrics["corpora"])
+    width = max(len(name) for name in metrics["tokenizers"]) + 2
+    print("chars/token".ljust(width) + "".join(stem.rjust(14) for stem in stems))
+    for name, per_corpus in metrics["tokenizers"].items():
+        values = [per_corpus[stem]["chars_per_token"] for stem in stems]
+        print(name.ljust(width) + "".join(f"{v:14.3f}" if v is not None else "n/a".rjust(14) for v in values))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _sections_without_stage(cfg: PipelineConfig, pipeline: Pipeline) -> list[str]:
     from pipeline.config import STAGE_SECTIONS
 
@@ -157,6 +230,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     validate = sub.add_parser("validate", help="check a pipeline YAML without running anything")
     _add_common(validate)
     commands["validate"] = cmd_validate
+
+    compare = sub.add_parser(
+        "compare-tokenizers", help="compare tokenizers on any Japanese (or other) corpus; no YAML needed",
+        description="Example: jpadapt compare-tokenizers --corpus my_ja.jsonl --tokenizer llama2 "
+        "--tokenizer qwen --tokenizer mine=./my_tokenizer --out reports/tok",
+    )
+    compare.add_argument("--corpus", action="append", required=True, metavar="PATH",
+                         help="JSONL (with a text field) or plain text, .gz/.xz ok, bundled:NAME or a glob; repeatable")
+    compare.add_argument("--tokenizer", action="append", metavar="NAME=PATH_OR_BUNDLED",
+                         help="a bundled name (llama2, llama3, qwen, llm-jp, mistral) or NAME=path to a tokenizer "
+                         "folder, tokenizer.json, SentencePiece .model or tiktoken rank file; repeatable "
+                         "(default: the five bundled ones)")
+    compare.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the report is written")
+    compare.add_argument("--baseline", help="costs are relative to this tokenizer (default: the first)")
+    compare.add_argument("--compute-params", type=_positive_int, default=7_000_000_000, metavar="N",
+                         help="model parameters N in 6*N*D training FLOPs (default 7e9)")
+    compare.add_argument("--context-length", type=_positive_int, default=4096, metavar="T",
+                         help="context size for the characters-per-context figure (default 4096)")
+    compare.add_argument("--max-documents", type=_positive_int, metavar="N", help="use the first N documents per corpus")
+    compare.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    commands["compare-tokenizers"] = cmd_compare_tokenizers
 
     for spec in available_stages():
         stage = sub.add_parser(spec.name, help=spec.description)

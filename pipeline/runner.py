@@ -162,6 +162,7 @@ class Pipeline:
                 why = "not in the config" if self.cfg.section(name) is None else "disabled (enabled: false)"
                 raise JpadaptError(f"stage {name} is {why}")
         plan = targets if only else _merge_ordered([self.closure(t) for t in targets], self.stage_names())
+        self._check_inputs(plan)
         self.rundir.lock()
         try:
             self._write_config()
@@ -186,6 +187,14 @@ class Pipeline:
         finally:
             self.cache.save()
             self.rundir.unlock()
+
+    def _check_inputs(self, plan: list[str]) -> None:
+        """Resolve every planned stage's external files first: a missing file stops the command before any
+        stage runs, not after an hour of the stages before it."""
+        for name in plan:
+            spec = self.specs[name]
+            if spec.inputs is not None:
+                spec.inputs(self.cfg)
 
     def _run_one(self, name: str, status: StageStatus, forced: bool) -> None:
         spec = self.specs[name]

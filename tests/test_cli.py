@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def state_of(status_stdout: str, stage: str) -> str:
+    """The state column of `jpadapt status` for one stage."""
+    for line in status_stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0] == stage:
+            return re.split(r"\s{2,}", parts[1].strip())[0]
+    raise AssertionError(f"{stage} not in status output:\n{status_stdout}")
 
 
 def small_config(tmp_path: Path, ja_lines: list[bytes], extra: str = "") -> Path:
@@ -107,7 +117,7 @@ def prepare_fails(tmp_path: Path, path: Path, *fragments: str, state: str = "inc
     assert not (stage_dir / "prepare" / "manifest.json").exists()  # nothing half-written looks done
     status = jpadapt("status", str(path), cwd=tmp_path)
     assert status.returncode == 0
-    assert f"prepare  {state}" in status.stdout, status.stdout
+    assert state_of(status.stdout, "prepare") == state, status.stdout
 
 
 def test_missing_data_file(tmp_path: Path) -> None:
@@ -149,7 +159,7 @@ def test_run_twice_status_and_override(tmp_path: Path) -> None:
     assert second.returncode == 0
     assert "prepare: up to date" in second.stdout and "Nothing to do" in second.stdout
     status = jpadapt("status", str(path), "prepare.min_chars=20", cwd=tmp_path)
-    assert "prepare  stale" in status.stdout
+    assert state_of(status.stdout, "prepare") == "stale"
     assert "- prepare.min_chars: 5 -> 20" in status.stdout
     validate = jpadapt("validate", str(path), cwd=tmp_path)
     assert validate.returncode == 0 and "valid" in validate.stdout
@@ -158,5 +168,5 @@ def test_run_twice_status_and_override(tmp_path: Path) -> None:
 def test_status_of_a_run_that_never_started_writes_nothing(tmp_path: Path) -> None:
     result = jpadapt("status", cwd=tmp_path)
     assert result.returncode == 0
-    assert "prepare  never run" in result.stdout
+    assert state_of(result.stdout, "prepare") == "never run"
     assert list(tmp_path.iterdir()) == []
