@@ -22,7 +22,7 @@ from pipeline.config import CorpusConfig
 from pipeline.errors import JpadaptError
 from tokenizer.analysis import analyze, make_tagger
 from tokenizer.backend import TokenizerBackend
-from tokenizer.metrics import Accumulator, add_costs, token_tables
+from tokenizer.metrics import Accumulator, TokenTables, add_costs, measure, token_tables
 
 # Records carrying these fields get per-group figures ("genre:fiction", "source:aozora").
 GROUP_FIELDS = ("genre", "source")
@@ -61,6 +61,22 @@ def compare(
     if baseline not in tokenizers:
         raise JpadaptError(f"baseline {baseline!r} is not one of the tokenizers ({', '.join(tokenizers)})")
     tables = {name: token_tables(backend) for name, backend in tokenizers.items()}
+    return measure_corpora(corpora, tokenizers, tables, baseline, compute_params, context_length, max_documents,
+                           text_field, progress)
+
+
+def measure_corpora(
+    corpora: list[Corpus],
+    tokenizers: dict[str, TokenizerBackend],
+    tables: dict[str, TokenTables],
+    baseline: str,
+    compute_params: int,
+    context_length: int,
+    max_documents: int | None = None,
+    text_field: str = "text",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The pass over the text, once each tokenizer's vocabulary tables are built (see `compare`)."""
     tagger = make_tagger()
     results: dict[str, dict[str, Any]] = {name: {} for name in tokenizers}
     corpus_totals = {}
@@ -112,11 +128,12 @@ class _GroupedAccumulators:
         self.groups: dict[str, Accumulator] = {}
 
     def add(self, groups: list[str], analysis: Any, encoded: Any, roundtrip_ok: bool) -> None:
-        self.overall.add(analysis, encoded, roundtrip_ok)
+        counts = measure(self.tables, analysis, encoded, roundtrip_ok)  # once, whatever the number of groups
+        self.overall.add_counts(counts)
         for group in groups:
             if group not in self.groups:
                 self.groups[group] = Accumulator(self.tables)
-            self.groups[group].add(analysis, encoded, roundtrip_ok)
+            self.groups[group].add_counts(counts)
 
     def result(self) -> dict[str, Any]:
         result = self.overall.result()

@@ -266,7 +266,7 @@ class SentencePieceBackend:
         return out  # type: ignore[return-value]
 
     def decode_batch(self, ids: list[np.ndarray]) -> list[str]:
-        return self.processor.decode([np.asarray(x).tolist() for x in ids])
+        return self.processor.decode([np.asarray(x).tolist() for x in ids], num_threads=_threads())
 
 
 def sp_proto_encoding(proto, text: str, is_byte: np.ndarray) -> EncodedText:

@@ -73,6 +73,7 @@ class TokenTables:
     kana: np.ndarray
     single_token_kanji: frozenset[str]
     single_token_kanji_codes: np.ndarray
+    joyo_covered: int
 
 
 def token_tables(backend: TokenizerBackend) -> TokenTables:
@@ -108,19 +109,108 @@ def token_tables(backend: TokenizerBackend) -> TokenTables:
     single_char = np.flatnonzero(lengths == 1)
     last_cp = cps[ends[single_char] - 1]
     kanji_codes = np.unique(last_cp[scripts[ends[single_char] - 1] == KANJI])
+    single = frozenset(map(chr, kanji_codes.tolist()))
     return TokenTables(
         vocab_size=size,
         partial=partial,
         byte_fallback=byte_fallback.copy(),
         japanese=japanese,
         kana=kana,
-        single_token_kanji=frozenset(map(chr, kanji_codes.tolist())),
+        single_token_kanji=single,
         single_token_kanji_codes=kanji_codes.astype(np.uint32),
+        joyo_covered=sum(1 for k in JOYO_KANJI if k in single or JOYO_VARIANTS.get(k, k) in single),
     )
 
 
 def _ratio(num: float, den: float) -> float | None:
     return float(num) / float(den) if den else None
+
+
+@dataclass(frozen=True)
+class TextCounts:
+    """What one text contributes to one tokenizer's metrics; see `Accumulator.result` for the definitions."""
+
+    chars: int
+    bytes: int
+    morphemes: int
+    tokens: int
+    roundtrip_ok: bool
+    id_values: np.ndarray  # distinct token ids of the text
+    id_counts: np.ndarray  # their counts
+    byte_fallback_tokens: int
+    partial_tokens: int
+    token_boundaries: int
+    morpheme_boundaries: int
+    boundary_hits: int
+    continued_morphemes: int
+    uncovered_morphemes: int
+    histogram: np.ndarray
+    script_chars: np.ndarray
+    script_tokens: np.ndarray
+    kanji_codes: np.ndarray
+    kanji_counts: np.ndarray
+
+
+def measure(tables: TokenTables, analysis: TextAnalysis, encoded: EncodedText, roundtrip_ok: bool) -> TextCounts:
+    """Measure one text's tokens against its analysis, vectorised over tokens and morphemes."""
+    ids = np.asarray(encoded.ids, dtype=np.int64)
+    spans = np.asarray(encoded.spans, dtype=np.int64).reshape(-1, 2)
+    _check_tokens(ids, spans, analysis.chars, tables.vocab_size)
+    starts, ends = spans[:, 0], spans[:, 1]
+    n = ids.size
+    id_values, id_counts = np.unique(ids, return_counts=True)
+
+    # Token boundaries: end_i where the next token starts exactly there (tokens sharing a character make
+    # none inside it), in whitespace-free coordinates, without the text's edges, duplicates removed.
+    nonspace_before = analysis.nonspace_before
+    total = analysis.nonspace
+    token_bounds = nonspace_before[ends[:-1][ends[:-1] == starts[1:]]]  # non-decreasing, like ends
+    token_bounds = token_bounds[(token_bounds > 0) & (token_bounds < total)]
+    token_bounds = token_bounds[np.diff(token_bounds, prepend=-1) != 0]
+    hits = np.intersect1d(token_bounds, analysis.morpheme_boundaries, assume_unique=True).size
+
+    # Tokens overlapping each morpheme [a, b): non-empty tokens with start < b and end > a. With starts and
+    # ends each non-decreasing, that is #(start < b) - #(end <= a) (a token ending by a starts before b).
+    nonempty = starts < ends
+    token_starts, token_ends = starts[nonempty], ends[nonempty]
+    m_starts, m_ends = analysis.morphemes[:, 0], analysis.morphemes[:, 1]
+    overlap = np.searchsorted(token_starts, m_ends, side="left") - np.searchsorted(token_ends, m_starts, side="right")
+    # Every non-space character is inside some token unless the tokenizer dropped it (a normalizer
+    # removing e.g. U+200B); such morphemes are counted apart, not in the histogram.
+    covered = overlap[overlap > 0]
+
+    # Script of a token: that of the first non-whitespace character in its span; "other" if none.
+    first = nonspace_before[starts]  # index of the first non-space character at or after start
+    has = first < total
+    first_pos = analysis.nonspace_positions[first[has]] if total else np.zeros(0, dtype=np.int64)
+    token_script = np.full(n, OTHER, dtype=np.int64)
+    inside = first_pos < ends[has]
+    token_script[np.flatnonzero(has)[inside]] = analysis.scripts[first_pos[inside]]
+
+    return TextCounts(
+        chars=analysis.chars,
+        bytes=analysis.bytes,
+        morphemes=analysis.morphemes.shape[0],
+        tokens=n,
+        roundtrip_ok=roundtrip_ok,
+        id_values=id_values,
+        id_counts=id_counts,
+        byte_fallback_tokens=int(tables.byte_fallback[ids].sum()),
+        partial_tokens=int(tables.partial[ids].sum()),
+        token_boundaries=token_bounds.size,
+        morpheme_boundaries=analysis.morpheme_boundaries.size,
+        boundary_hits=hits,
+        continued_morphemes=int((overlap >= 2).sum()),
+        uncovered_morphemes=int((overlap == 0).sum()),
+        histogram=np.bincount(np.minimum(covered, 8) - 1, minlength=len(HISTOGRAM_KEYS)),
+        script_chars=analysis.script_chars,
+        script_tokens=np.bincount(token_script, minlength=len(SCRIPTS)),
+        kanji_codes=analysis.kanji_codes,
+        kanji_counts=analysis.kanji_counts,
+    )
+
+
+_KANJI_MERGE_EVERY = 64
 
 
 class Accumulator:
@@ -149,67 +239,47 @@ class Accumulator:
         self.id_counts = np.zeros(tables.vocab_size, dtype=np.int64)
         self.kanji_codes = np.zeros(0, dtype=np.uint32)
         self.kanji_counts = np.zeros(0, dtype=np.int64)
+        self._kanji_pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.roundtrip_failures = 0
 
     def add(self, analysis: TextAnalysis, encoded: EncodedText, roundtrip_ok: bool) -> None:
         """Count one text: its analysis, its tokens, and whether decode(encode(text)) == text."""
-        ids = np.asarray(encoded.ids, dtype=np.int64)
-        spans = np.asarray(encoded.spans, dtype=np.int64).reshape(-1, 2)
-        _check_tokens(ids, spans, analysis.chars, self.tables.vocab_size)
-        starts, ends = spans[:, 0], spans[:, 1]
-        n = ids.size
+        self.add_counts(measure(self.tables, analysis, encoded, roundtrip_ok))
 
+    def add_counts(self, counts: TextCounts) -> None:
+        """Add one text's measured counts (measured once, added to the corpus and to each of its groups)."""
         self.documents += 1
-        self.chars += analysis.chars
-        self.bytes += analysis.bytes
-        self.morphemes += analysis.morphemes.shape[0]
-        self.tokens += n
-        self.roundtrip_failures += 0 if roundtrip_ok else 1
-        self.id_counts += np.bincount(ids, minlength=self.tables.vocab_size)
-        self.byte_fallback_tokens += int(self.tables.byte_fallback[ids].sum())
-        self.partial_tokens += int(self.tables.partial[ids].sum())
+        self.chars += counts.chars
+        self.bytes += counts.bytes
+        self.morphemes += counts.morphemes
+        self.tokens += counts.tokens
+        self.roundtrip_failures += 0 if counts.roundtrip_ok else 1
+        self.id_counts[counts.id_values] += counts.id_counts  # id_values are unique: fancy += is exact
+        self.byte_fallback_tokens += counts.byte_fallback_tokens
+        self.partial_tokens += counts.partial_tokens
+        self.token_boundaries += counts.token_boundaries
+        self.morpheme_boundaries += counts.morpheme_boundaries
+        self.boundary_hits += counts.boundary_hits
+        self.continued_morphemes += counts.continued_morphemes
+        self.uncovered_morphemes += counts.uncovered_morphemes
+        self.histogram += counts.histogram
+        self.script_chars += counts.script_chars
+        self.script_tokens += counts.script_tokens
+        if counts.kanji_codes.size:
+            self._kanji_pending.append((counts.kanji_codes, counts.kanji_counts))
+            if len(self._kanji_pending) >= _KANJI_MERGE_EVERY:
+                self._merge_kanji()
 
-        # Token boundaries: end_i where the next token starts exactly there (tokens sharing a character make
-        # none inside it), in whitespace-free coordinates, without the text's edges, duplicates removed.
-        nonspace_before = analysis.nonspace_before
-        total = analysis.nonspace
-        token_bounds = nonspace_before[ends[:-1][ends[:-1] == starts[1:]]]  # non-decreasing, like ends
-        token_bounds = token_bounds[(token_bounds > 0) & (token_bounds < total)]
-        token_bounds = token_bounds[np.diff(token_bounds, prepend=-1) != 0]
-        self.token_boundaries += token_bounds.size
-        self.morpheme_boundaries += analysis.morpheme_boundaries.size
-        self.boundary_hits += np.intersect1d(token_bounds, analysis.morpheme_boundaries, assume_unique=True).size
-
-        # Tokens overlapping each morpheme [a, b): non-empty tokens with start < b and end > a. With starts and
-        # ends each non-decreasing, that is #(start < b) - #(end <= a) (a token ending by a starts before b).
-        nonempty = starts < ends
-        token_starts, token_ends = starts[nonempty], ends[nonempty]
-        m_starts, m_ends = analysis.morphemes[:, 0], analysis.morphemes[:, 1]
-        overlap = np.searchsorted(token_starts, m_ends, side="left") - np.searchsorted(
-            token_ends, m_starts, side="right"
-        )
-        self.continued_morphemes += int((overlap >= 2).sum())
-        # Every non-space character is inside some token unless the tokenizer dropped it (a normalizer
-        # removing e.g. U+200B); such morphemes are counted apart, not in the histogram.
-        self.uncovered_morphemes += int((overlap == 0).sum())
-        covered = overlap[overlap > 0]
-        self.histogram += np.bincount(np.minimum(covered, 8) - 1, minlength=len(HISTOGRAM_KEYS))
-
-        # Script of a token: that of the first non-whitespace character in its span; "other" if none.
-        self.script_chars += analysis.script_chars
-        first = nonspace_before[starts]  # index of the first non-space character at or after start
-        has = first < total
-        first_pos = analysis.nonspace_positions[first[has]] if total else np.zeros(0, dtype=np.int64)
-        token_script = np.full(n, OTHER, dtype=np.int64)
-        inside = first_pos < ends[has]
-        token_script[np.flatnonzero(has)[inside]] = analysis.scripts[first_pos[inside]]
-        self.script_tokens += np.bincount(token_script, minlength=len(SCRIPTS))
-
-        if analysis.kanji_codes.size:
-            codes = np.concatenate([self.kanji_codes, analysis.kanji_codes])
-            counts = np.concatenate([self.kanji_counts, analysis.kanji_counts])
-            self.kanji_codes, inverse = np.unique(codes, return_inverse=True)
-            self.kanji_counts = np.bincount(inverse, weights=counts).astype(np.int64)
+    def _merge_kanji(self) -> None:
+        """Fold the pending per-text kanji counts into the sorted totals (batched: one np.unique per
+        _KANJI_MERGE_EVERY texts instead of one per text; memory stays bounded)."""
+        if not self._kanji_pending:
+            return
+        codes = np.concatenate([self.kanji_codes, *(c for c, _ in self._kanji_pending)])
+        weights = np.concatenate([self.kanji_counts, *(w for _, w in self._kanji_pending)])
+        self.kanji_codes, inverse = np.unique(codes, return_inverse=True)
+        self.kanji_counts = np.bincount(inverse, weights=weights).astype(np.int64)
+        self._kanji_pending = []
 
     def result(self) -> dict:
         """The metrics (plain int/float/None/dict; None where the denominator is 0). Not rounded.
@@ -250,10 +320,8 @@ class Accumulator:
             f1 = None
         else:
             f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        self._merge_kanji()
         single = np.isin(self.kanji_codes, t.single_token_kanji_codes)
-        joyo_covered = sum(
-            1 for k in JOYO_KANJI if k in t.single_token_kanji or JOYO_VARIANTS.get(k, k) in t.single_token_kanji
-        )
         return {
             "documents": self.documents,
             "chars": self.chars,
@@ -279,7 +347,7 @@ class Accumulator:
             "kanji_single_token_occurrence_rate": _ratio(
                 int(self.kanji_counts[single].sum()), int(self.kanji_counts.sum())
             ),
-            "joyo_coverage": joyo_covered / len(JOYO_KANJI),
+            "joyo_coverage": t.joyo_covered / len(JOYO_KANJI),
             "vocab_size": t.vocab_size,
             "vocab_japanese_share": _ratio(int(t.japanese.sum()), t.vocab_size),
             "vocab_kana_share": _ratio(int(t.kana.sum()), t.vocab_size),
