@@ -12,6 +12,7 @@ log), 2 bad input or configuration, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from collections.abc import Callable
@@ -182,6 +183,82 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """`jpadapt plan [CONFIG]` runs the stage; `jpadapt plan --model ...` answers without a YAML."""
+    if args.model is None:
+        return cmd_stage(args)
+    if args.args:
+        raise JpadaptError("give either a pipeline YAML or --model, not both")
+    from pipeline.planner.gpus import gpu
+    from pipeline.planner.memory import Setup
+    from pipeline.planner.plan import plan_stage, render_markdown
+    from pipeline.planner.presets import resolve_model
+
+    shape = resolve_model(args.model)
+    if args.vocab is not None:
+        shape = shape.with_vocab(args.vocab)
+    optimizer = args.optimizer or ("paged_adamw_8bit" if args.method == "qlora" else "adamw")
+    setup = Setup(method=args.method, micro_batch=args.micro_batch, seq_len=args.seq_len, gpus=args.gpus,
+                  zero_stage=args.zero, precision=args.precision, optimizer=optimizer,
+                  activation_checkpointing=not args.no_checkpointing, offload_optimizer=args.offload_optimizer,
+                  offload_params=args.offload_params, lora_rank=args.lora_rank)
+    if args.tokens is not None and args.method != "inference" and args.gpus * args.micro_batch * args.seq_len > args.tokens:
+        raise JpadaptError(f"--gpus {args.gpus}: more GPUs than the method can use: {args.tokens:,} tokens are "
+                           f"fewer than one micro batch on every GPU ({args.gpus} x {args.micro_batch} x {args.seq_len})")
+    result = plan_stage("plan", shape, setup, args.tokens, args.nodes, gpu(args.gpu), args.mfu, args.price)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(render_markdown([result]), end="")
+    return 0
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    ad_hoc = parser.add_argument_group(
+        "without a YAML", "jpadapt plan --model llama2-7b --method full --gpus 8 --zero 3 --micro-batch 4 --seq-len 4096")
+    ad_hoc.add_argument("--model", metavar="PRESET_OR_CONFIG", help="a preset (llama2-7b, qwen2.5-7b, ...) or a config.json/model folder")
+    ad_hoc.add_argument("--method", choices=("full", "lora", "qlora", "inference"), default="full")
+    ad_hoc.add_argument("--gpus", type=_positive_int, default=1, help="data-parallel GPUs, all nodes (default 1)")
+    ad_hoc.add_argument("--nodes", type=_positive_int, default=1, help="nodes the GPUs are spread over (default 1)")
+    ad_hoc.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
+    ad_hoc.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per GPU per step")
+    ad_hoc.add_argument("--seq-len", type=_positive_int, default=2048)
+    ad_hoc.add_argument("--gpu", default="H100-80GB", help="GPU kind for the verdict and time (default H100-80GB)")
+    ad_hoc.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    ad_hoc.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "paged_adamw_8bit"),
+                        help="default: adamw (paged_adamw_8bit for qlora)")
+    ad_hoc.add_argument("--no-checkpointing", action="store_true", help="without activation checkpointing")
+    ad_hoc.add_argument("--offload-optimizer", action="store_true")
+    ad_hoc.add_argument("--offload-params", action="store_true")
+    ad_hoc.add_argument("--lora-rank", type=_positive_int, default=16)
+    ad_hoc.add_argument("--vocab", type=_positive_int, help="vocabulary size override (extended vocabularies)")
+    ad_hoc.add_argument("--tokens", type=_positive_int, help="training tokens D, for FLOPs, time and cost")
+    ad_hoc.add_argument("--mfu", type=_fraction, default=0.4, help="model FLOPs utilisation for time (default 0.4)")
+    ad_hoc.add_argument("--price", type=_non_negative, default=2.5, help="$ per GPU-hour (default 2.5)")
+    ad_hoc.add_argument("--json", action="store_true", help="every term in bytes, as JSON")
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def _sections_without_stage(cfg: PipelineConfig, pipeline: Pipeline) -> list[str]:
     from pipeline.config import STAGE_SECTIONS
 
@@ -258,6 +335,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
         stage.add_argument("--only", action="store_true", help="do not run out-of-date prerequisites")
         stage.add_argument("--force", action="store_true", help="rerun this stage even if up to date")
         commands[spec.name] = cmd_stage
+        if spec.name == "plan":
+            _add_plan_arguments(stage)
+            commands["plan"] = cmd_plan
     return parser, commands
 
 

@@ -1,0 +1,47 @@
+"""Stage `plan`: will cpt, sft and evaluate fit on the configured GPU, and what will they cost?
+
+Reads only the YAML (and the model's config.json when no preset is named): no weights, no GPU. Outputs, in
+`runs/<name>/stages/plan/`:
+    plan.json   every memory term in bytes with its formula, compute, time, cost, verdict, advice, per stage
+    plan.md     the same as tables
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.paths import resolve_path
+from pipeline.stage import StageContext, StageSpec
+
+
+def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
+    if cfg.model.preset is None and cfg.model.path is not None:
+        path = resolve_path(cfg.model.path, "model.path")
+        return {"model.path": [path / "config.json" if path.is_dir() else path]}
+    return {}
+
+
+def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
+    from pipeline.planner.plan import plan_pipeline, write_outputs
+
+    plans = plan_pipeline(cfg)
+    write_outputs(plans, ctx.out_dir)
+    for plan in plans:
+        ctx.log.info("%s: %.1f GiB per GPU, %s on %s", plan.stage, plan.memory.gpu_bytes / 2**30,
+                     "fits" if plan.fits else "does NOT fit", plan.gpu.key)
+    return {plan.stage: f"{plan.memory.gpu_bytes / 2**30:.1f} GiB/GPU, {'fits' if plan.fits else 'does not fit'}"
+            for plan in plans}
+
+
+SPEC = StageSpec(
+    name="plan",
+    run=run,
+    description="per-GPU memory, FLOPs, time and cost of cpt, sft and evaluate: will it fit?",
+    params=("model", "plan", "cpt", "cpt.enabled", "sft", "sft.enabled", "evaluate", "evaluate.enabled",
+            "extend_vocab", "extend_vocab.enabled"),
+    inputs=_inputs,
+    outputs=("plan.json", "plan.md"),
+    code=("pipeline.planner", "stages.plan"),
+)
