@@ -51,7 +51,8 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise JpadaptError(f"model {self.name}: unknown architecture {self.architecture!r} ({', '.join(ARCHITECTURES)})")
+            raise JpadaptError(f"model {self.name}: unknown architecture {self.architecture!r} "
+                               f"({', '.join(ARCHITECTURES)})")
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                       "head_dim", "max_position_embeddings"):
             if getattr(self, field) <= 0:

@@ -1,0 +1,1 @@
+"""Resource planning: model shapes and presets, memory and compute estimates, GPU catalogue."""
