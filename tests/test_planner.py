@@ -76,7 +76,7 @@ def test_qwen_logits_dominate_at_long_sequences() -> None:
     shape = resolve_model("qwen2.5-0.5b")
     plan = plan_memory(shape, Setup(method="full", micro_batch=4, seq_len=4096))
     logits = plan.term("logits and loss")
-    assert logits.bytes == 4 * 4096 * shape.vocab_size * 10
+    assert logits.bytes == 4 * 4096 * shape.vocab_size * 12  # measured peak: see tests/test_planner_measured.py
     assert logits.bytes > plan.term("weights").bytes
 
 
