@@ -476,6 +476,13 @@ def zero_worker(stage: int, out: Path) -> None:
     held["setup_s"] = ready - started
     held["step_s"] = time.perf_counter() - ready
     (out.parent / f"{out.name}.rank{rank}.json").write_text(json.dumps(held))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    # DeepSpeed's ZeRO-3 background threads can abort the interpreter's teardown now and then ("terminate called
+    # without an active exception", SIGABRT): the results are written, so leave without C++ destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_zero(stage: int, workdir: Path, port: int) -> tuple[list[dict], float]:
