@@ -90,7 +90,7 @@ def test_wrong_type_is_not_coerced(tmp_path: Path) -> None:
 
 
 def test_value_out_of_range_names_key_and_value(tmp_path: Path) -> None:
-    path = write(tmp_path, DEMO + "\ncpt:\n  replay_ratio: 1.5\n  max_steps: 5\n")
+    path = write(tmp_path, DEMO.replace("replay_ratio: 0.1 ", "replay_ratio: 1.5 "))
     message = error_of(path)
     assert message.endswith("cpt.replay_ratio: must be less than 1 (got 1.5)")
     assert message.startswith(f"{path}:")
@@ -105,10 +105,12 @@ def test_override_errors_name_the_override() -> None:
 
 
 def test_cross_section_rules(tmp_path: Path) -> None:
-    japanese_only = DEMO.split("  en:")[0].replace("  tokenizer: llama2", "  path: /models/x")
-    message = error_of(write(tmp_path, japanese_only + "\ncpt:\n  replay_ratio: 0.25\n  max_steps: 10\n"))
-    assert "cpt.replay_ratio: is 0.25 but data.en (the English replay corpus) is missing" in message
-    assert "QLoRA" in error_of(None, ["sft.zero_stage=3", "model.path=/m"])
+    english = "  en:\n    train: bundled:corpus/en_train.jsonl\n    heldout: bundled:corpus/en_heldout.jsonl\n"
+    assert english in DEMO
+    message = error_of(write(tmp_path, DEMO.replace(english, "")))
+    assert "cpt.replay_ratio: is 0.1 but data.en (the English replay corpus) is missing" in message
+    assert "QLoRA" in error_of(None, ["sft.zero_stage=3"])
+    assert "give either model.path or model.from_config" in error_of(None, ["model.path=/m"])
     assert "min_chars (500) is larger than prepare.max_chars (100)" in error_of(
         None, ["prepare.min_chars=500", "prepare.max_chars=100"]
     )

@@ -159,5 +159,5 @@ def test_ad_hoc_bad_input(tmp_path: Path, args: list[str], fragment: str) -> Non
 
 
 def test_plan_stage_needs_an_architecture(tmp_path: Path) -> None:
-    assert_one_line_error(jpadapt("plan", "plan.gpu=H100-80GB", "cpt.max_steps=3", "model.path=nowhere",
-                                  cwd=tmp_path), "model.path: file not found: nowhere")
+    assert_one_line_error(jpadapt("plan", "model.from_config=null", "model.path=nowhere", cwd=tmp_path),
+                          "model.path: file not found: nowhere")

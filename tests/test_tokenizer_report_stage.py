@@ -91,7 +91,7 @@ def test_csv_and_markdown_agree_with_metrics(demo: Path) -> None:
 
 
 def test_rerun_is_a_no_op_and_rebuild_is_byte_identical(demo: Path) -> None:
-    again = jpadapt("run", cwd=demo)
+    again = jpadapt("tokenizer-report", cwd=demo)
     assert "tokenizer-report: up to date" in again.stdout and "Nothing to do" in again.stdout
     digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (demo / STAGE).iterdir()
               if p.name not in {"manifest.json", "log.txt"}}

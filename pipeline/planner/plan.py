@@ -162,8 +162,8 @@ def _stage_markdown(plan: StagePlan) -> list[str]:
         c = plan.compute
         lines += [
             f"Compute: {c.tokens:,} tokens x {c.flops_per_token:.3e} FLOPs/token ({c.formula}) = {c.flops:.3e} "
-            f"FLOPs; at {c.mfu:.0%} MFU on {s.gpus} x {plan.gpu.name}: {c.hours:,.1f} h, {c.gpu_hours:,.1f} "
-            f"GPU-hours, ${c.cost:,.0f} at ${c.price_per_gpu_hour}/GPU-hour.",
+            f"FLOPs; at {c.mfu:.0%} MFU on {s.gpus} x {plan.gpu.name}: {_duration(c.hours)}, {c.gpu_hours:,.2f} "
+            f"GPU-hours, {_money(c.cost)} at ${c.price_per_gpu_hour}/GPU-hour.",
             "",
         ]
         if c.note:
@@ -179,6 +179,19 @@ def _stage_markdown(plan: StagePlan) -> list[str]:
         cells = [f"{row[n]:.1f}" + ("" if row[n] <= memory else " x") if n in row else "" for n in counts]
         lines.append(f"| {key} | {memory:.1f} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _duration(hours: float) -> str:
+    seconds = hours * 3600
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if hours < 2:
+        return f"{seconds / 60:.1f} min"
+    return f"{hours:,.1f} h" if hours < 48 else f"{hours / 24:,.1f} days"
+
+
+def _money(amount: float) -> str:
+    return f"${amount:,.2f}" if amount < 100 else f"${amount:,.0f}"
 
 
 def write_outputs(plans: list[StagePlan], out_dir: Path) -> None:
