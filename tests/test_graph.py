@@ -13,7 +13,6 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import JpadaptError
 from pipeline.runner import INCOMPLETE, NEVER_RUN, STALE, UP_TO_DATE, Pipeline, StageCrashed
-from tests.helpers import fake_stages
 from tests.helpers.fake_stages import BEHAVIOUR, CALLS, SPECS
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from pipeline.errors import JpadaptError
 from pipeline.planner.compute import advise, fits, flops_per_token, plan_compute
 from pipeline.planner.gpus import CATALOG, GIB, gpu
 from pipeline.planner.memory import Setup, plan_memory
-from pipeline.planner.plan import check_fits, model_shape, plan_pipeline, stage_setups
+from pipeline.planner.plan import check_fits, model_shape, stage_setups
 from pipeline.planner.presets import resolve_model
 from tests.test_cli import assert_one_line_error, jpadapt, state_of
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 import io
 import json
 import lzma
-import os
 import shutil
 import socket
-import time
 import unicodedata
 from pathlib import Path
 
@@ -183,14 +181,12 @@ def test_special_and_unknown_tokens(backends):
         assert_contract(backend, text, enc)
 
 
-def test_round_trip_on_japanese_heldout(backends, ja_heldout, capsys):
+def test_round_trip_on_japanese_heldout(backends, ja_heldout):
     results = {}
     for name in ("llama2", "mistral", "llama3", "qwen", "llm-jp", "llama3-tiktoken"):
         backend = backends[name]
         decoded = backend.decode_batch([e.ids for e in backend.encode_batch(ja_heldout)])
         results[name] = sum(d == t for d, t in zip(decoded, ja_heldout))
-    with capsys.disabled():
-        print(f"\nround trip on ja_heldout ({len(ja_heldout)} documents), exact: {results}")
     # llm-jp's normalizer is the identity too: it round-trips this NFC corpus.
     assert results == {name: len(ja_heldout) for name in results}
 
@@ -385,43 +381,3 @@ def test_unusable_folders_and_files_are_errors(tmp_path):
     empty_file.write_bytes(b"")
     with pytest.raises(JpadaptError, match="the file is empty"):
         load_tokenizer(str(empty_file))
-
-
-def best_time(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def bare_call(backend):
-    """The library call alone, ids only: what the backend adds is spans and numpy arrays."""
-    threads = os.cpu_count()
-    if isinstance(backend, SentencePieceBackend):
-        return lambda texts: backend.processor.encode(texts, num_threads=threads)
-    if isinstance(backend, TiktokenBackend):
-        return lambda texts: backend.encoding.encode_ordinary_batch(texts, num_threads=threads)
-    return lambda texts: [e.ids for e in backend.tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-
-def test_encode_speed_is_reported(backends, ja_heldout, capsys):
-    rows = []
-    for name, backend in backends.items():
-        bare = best_time(lambda: bare_call(backend)(ja_heldout))
-        # The protocol's ids are numpy arrays: converting the lists costs ~15 ns per token whatever computes spans.
-        bare_np = best_time(lambda: [np.array(ids, dtype=np.int64) for ids in bare_call(backend)(ja_heldout)])
-        ours = best_time(lambda: backend.encode_batch(ja_heldout))
-        n_tokens = sum(len(e.ids) for e in backend.encode_batch(ja_heldout))
-        rows.append(
-            f"{name:16} {n_tokens:8d} {bare * 1e3:8.1f} {bare_np * 1e3:8.1f} {ours * 1e3:8.1f} "
-            f"{100 * (ours / bare - 1):+8.0f}% {100 * (ours / bare_np - 1):+8.0f}%"
-        )
-    with capsys.disabled():
-        chars = sum(map(len, ja_heldout))
-        print(f"\nencode_batch on ja_heldout ({chars} chars, {os.cpu_count()} cores), best of 3:")
-        header = ("tokens", "bare ms", "+np ms", "ours ms", "vs bare", "vs +np")
-        print(f"{'tokenizer':16} " + " ".join(f"{h:>8}" for h in header[:4]) + f" {header[4]:>9} {header[5]:>9}")
-        print("\n".join(rows))
-    assert len(rows) == len(backends)
