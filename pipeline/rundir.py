@@ -51,6 +51,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(-1, 0) would ask about every process, not one
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
