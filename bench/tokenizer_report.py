@@ -3,7 +3,7 @@
     python bench/tokenizer_report.py [--runs 3] [--repeat 10] [--out bench/results/tokenizer_report-cpu.md]
 
 On the same text (the bundled Japanese + English held-out) in one run, prints:
-  - the report's time over the text (`tokenizer.compare.measure_corpora`: fugashi, encode, spans, decode for
+  - the report's time over the text (`tokenizer.compare.compare` with prebuilt vocabulary tables: fugashi, encode, spans, decode for
     round trips, metrics); loading the tokenizers and their vocabulary tables is timed apart, as bare loading is,
   - the bare time: each tokenizer's native batch encode (tokenizers / sentencepiece / tiktoken, both cores)
     plus one fugashi pass over the text,
@@ -104,7 +104,7 @@ def time_bare(corpora: list[list[str]], batch_chars: int) -> tuple[dict[str, flo
 
 def time_report(corpus_files: list[Path]) -> tuple[float, float, dict]:
     """(setup seconds: loading + vocabulary tables, pass seconds: the report over the text, metrics)."""
-    from tokenizer.compare import Corpus, corpus_stem, measure_corpora
+    from tokenizer.compare import Corpus, compare, corpus_stem
     from tokenizer.load import load_tokenizer
     from tokenizer.metrics import token_tables
 
@@ -114,8 +114,8 @@ def time_report(corpus_files: list[Path]) -> tuple[float, float, dict]:
     setup = time.perf_counter() - start
     corpora = [Corpus(corpus_stem(p), [p]) for p in corpus_files]
     start = time.perf_counter()
-    metrics = measure_corpora(corpora, tokenizers, tables, baseline="llama2", compute_params=7_000_000_000,
-                              context_length=4096, progress=False)
+    metrics = compare(corpora, tokenizers, baseline="llama2", compute_params=7_000_000_000, context_length=4096,
+                      progress=False, tables=tables)
     return setup, time.perf_counter() - start, metrics
 
 
@@ -180,7 +180,7 @@ def main() -> None:
         "|---|---|",
         *[f"| bare: {name} | {seconds:.2f} |" for name, seconds in bare.items()],
         f"| **bare total** | **{bare_total:.2f}** |",
-        f"| **report**: the pass over the text (`tokenizer.compare.measure_corpora`) | **{report_seconds:.2f}** |",
+        f"| **report**: the pass over the text (`tokenizer.compare.compare`) | **{report_seconds:.2f}** |",
         f"| report setup, not in the ratio: loading the 5 tokenizers + vocabulary tables | {setup_seconds:.2f} |",
         f"| bare decode of all tokenizers (not in the bare total) | {bare_decode:.2f} |",
         "",

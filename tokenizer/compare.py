@@ -56,27 +56,17 @@ def compare(
     max_documents: int | None = None,
     text_field: str = "text",
     progress: bool = True,
+    tables: dict[str, TokenTables] | None = None,
 ) -> dict[str, Any]:
-    """Every metric for every tokenizer on every corpus, in the layout of `metrics.json`."""
+    """Every metric for every tokenizer on every corpus, in the layout of `metrics.json`.
+
+    `tables`: each tokenizer's vocabulary tables when already built (the benchmark times them apart from the
+    pass over the text); built here otherwise.
+    """
     if baseline not in tokenizers:
         raise JpadaptError(f"baseline {baseline!r} is not one of the tokenizers ({', '.join(tokenizers)})")
-    tables = {name: token_tables(backend) for name, backend in tokenizers.items()}
-    return measure_corpora(corpora, tokenizers, tables, baseline, compute_params, context_length, max_documents,
-                           text_field, progress)
-
-
-def measure_corpora(
-    corpora: list[Corpus],
-    tokenizers: dict[str, TokenizerBackend],
-    tables: dict[str, TokenTables],
-    baseline: str,
-    compute_params: int,
-    context_length: int,
-    max_documents: int | None = None,
-    text_field: str = "text",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The pass over the text, once each tokenizer's vocabulary tables are built (see `compare`)."""
+    if tables is None:
+        tables = {name: token_tables(backend) for name, backend in tokenizers.items()}
     tagger = make_tagger()
     results: dict[str, dict[str, Any]] = {name: {} for name in tokenizers}
     corpus_totals = {}
