@@ -144,8 +144,11 @@ class TokenizerReportConfig(StageSection):
 
 class ExtendVocabConfig(StageSection):
     new_tokens: int = Field(16000, gt=0, description="Japanese tokens to add to the base vocabulary.")
-    algorithm: Literal["bpe", "unigram"] = "bpe"
-    morpheme_pretokenize: bool = Field(True, description="Learn candidates on fugashi-segmented text.")
+    algorithm: Literal["bpe", "unigram"] = Field(
+        "bpe", description="Candidate model for SentencePiece bases (unigram bases need unigram); byte-level BPE "
+        "bases always continue BPE."
+    )
+    morpheme_pretokenize: bool = Field(True, description="Learn on fugashi morphemes: no new token crosses one.")
     pad_to_multiple_of: int = Field(64, ge=1, description="Model vocabulary padded to a multiple of this.")
     init: Literal["mean", "random", "focus"] = Field("mean", description="How new embedding rows start.")
     max_training_chars: int | None = Field(None, gt=0, description="Cap on the text used to learn candidates.")

@@ -44,7 +44,7 @@ def test_layout_and_every_tokenizer_side_by_side(demo: Path) -> None:
     metrics = json.loads((demo / STAGE / "metrics.json").read_text())
     assert set(metrics["corpora"]) == {"ja_heldout", "en_heldout"}
     assert set(metrics["corpora"]["ja_heldout"]) == {"documents", "chars", "bytes", "morphemes"}
-    assert list(metrics["tokenizers"]) == ["llama2", "mistral", "llama3", "qwen", "llm-jp"]
+    assert list(metrics["tokenizers"]) == ["llama2", "mistral", "llama3", "qwen", "llm-jp", "extended"]
     ja = metrics["tokenizers"]["qwen"]["ja_heldout"]
     for key in ("tokens", "chars_per_token", "bytes_per_token", "tokens_per_morpheme", "byte_fallback_rate",
                 "partial_char_rate", "continued_morpheme_rate", "boundary_precision", "boundary_recall",
@@ -80,7 +80,7 @@ def test_csv_and_markdown_agree_with_metrics(demo: Path) -> None:
     metrics = json.loads((demo / STAGE / "metrics.json").read_text())
     with (demo / STAGE / "metrics.csv").open(encoding="utf-8") as handle:
         rows = [r for r in csv.DictReader(handle) if r["group"] == ""]
-    assert len(rows) == 10
+    assert len(rows) == 12  # 6 tokenizers (5 bundled + extended) x 2 corpora
     for row in rows:
         assert float(row["chars_per_token"]) == metrics["tokenizers"][row["tokenizer"]][row["corpus"]]["chars_per_token"]
     md = (demo / STAGE / "report.md").read_text(encoding="utf-8")

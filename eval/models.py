@@ -1,0 +1,200 @@
+"""Load, build and save causal language models the way every stage does (extend-vocab, cpt, sft, evaluate).
+
+    n_rows = model_vocab_size(cfg.model)           # embedding rows, from config.json only (no weights read)
+    model = load_causal_lm(cfg.model, seed=1234)   # a local HF folder, or random weights from model.from_config
+    save_model_folder(model, out_dir)              # config.json + *.safetensors
+
+Nothing here downloads. A `model.path` that is not an existing folder is an error here: transformers would take
+it for a Hub id. Weights are read from safetensors only: `pytorch_model.bin` files are pickles, which can run code
+when loaded. All problems a user can fix (a missing folder or config.json, an unknown `model_type`, no
+safetensors weights, bad `from_config` values) are `JpadaptError`s naming the file or key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from pipeline.config import ModelConfig
+from pipeline.errors import JpadaptError
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cheap facts, no weights
+
+
+def model_vocab_size(model_cfg: ModelConfig) -> int:
+    """The model's number of embedding rows, read from config.json or `from_config`, without loading weights.
+
+    Stages call it first to refuse, before any work, a model whose vocabulary does not match the base tokenizer.
+    Multimodal configs (e.g. Gemma 3 4B) keep the language model's values under `text_config`.
+    """
+    if model_cfg.path is not None:
+        folder = _model_folder(model_cfg.path)
+        values = _read_config_json(folder)
+        where = f"{folder / 'config.json'}"
+    elif model_cfg.from_config is not None:
+        # The model type's defaults fill what from_config leaves out (LLaMA's vocab_size is 32000 by default).
+        values = _build_config(model_cfg.from_config).to_dict()
+        where = "model.from_config"
+    else:
+        raise JpadaptError("model: set model.path (a local model folder) or model.from_config")
+    size = values.get("vocab_size")
+    if size is None and isinstance(values.get("text_config"), dict):
+        size = values["text_config"].get("vocab_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise JpadaptError(f"{where}: no valid vocab_size (found {size!r})")
+    return size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and building
+
+
+def load_causal_lm(model_cfg: ModelConfig, seed: int | None = None) -> PreTrainedModel:
+    """The causal LM that `model_cfg` describes, on the CPU, in the dtype it asks for.
+
+    Arguments:
+        model_cfg: the `model` section. `path`: a local Hugging Face folder (config.json + safetensors);
+            `from_config`: HF config values including `model_type`, with randomly initialised weights.
+            `dtype` "auto" keeps the folder's dtype (config.json's `dtype`/`torch_dtype`); a model built from
+            config is float32 under "auto" (random init in half precision only adds rounding).
+        seed: seeds the random initialisation of a `from_config` model, so that the same seed gives the same
+            weights; the global torch RNG is left as it was. Ignored for folders. None: the current global RNG.
+    """
+    if model_cfg.path is not None:
+        return _load_folder(model_cfg)
+    if model_cfg.from_config is not None:
+        return _build_random(model_cfg, seed)
+    raise JpadaptError("model: set model.path (a local model folder) or model.from_config")
+
+
+def save_model_folder(model: PreTrainedModel, out_dir: str | Path) -> Path:
+    """Save `model` as a Hugging Face folder (config.json, generation_config.json, *.safetensors).
+
+    transformers v5 writes safetensors only (its `safe_serialization` switch is gone); tied weights are stored
+    once. Returns the folder.
+    """
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    return out
+
+
+def _load_folder(model_cfg: ModelConfig) -> PreTrainedModel:
+    folder = _model_folder(model_cfg.path)
+    values = _read_config_json(folder)  # clear errors for a missing or broken config.json come first
+    model_type = values.get("model_type")
+    remote = model_cfg.trust_remote_code and "auto_map" in values
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING and not remote:
+        raise JpadaptError(f"{folder / 'config.json'}: {_unknown_type(model_type)}")
+    _check_safetensors(folder)
+    try:
+        config = AutoConfig.from_pretrained(
+            str(folder), trust_remote_code=model_cfg.trust_remote_code, local_files_only=True
+        )
+    except ValueError as exc:  # unknown model_type, or remote code that is not trusted
+        raise JpadaptError(f"{folder / 'config.json'}: {_first_line(exc)}") from exc
+    _check_causal_lm(config, f"{folder / 'config.json'}", model_cfg.trust_remote_code)
+    dtype: str | torch.dtype = "auto" if model_cfg.dtype == "auto" else DTYPES[model_cfg.dtype]
+    return AutoModelForCausalLM.from_pretrained(
+        str(folder),
+        config=config,
+        dtype=dtype,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,
+        local_files_only=True,
+    )
+
+
+def _build_random(model_cfg: ModelConfig, seed: int | None) -> PreTrainedModel:
+    config = _build_config(model_cfg.from_config)
+    _check_causal_lm(config, "model.from_config", model_cfg.trust_remote_code)
+    dtype = DTYPES.get(model_cfg.dtype, torch.float32)
+    if seed is None:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    # fork_rng restores the global CPU RNG afterwards: building a model must not shift the data order of the
+    # caller's own seeded RNG. devices=[] keeps CUDA RNGs out of it (and avoids its warning on multi-GPU hosts).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+
+
+def _build_config(values: dict[str, Any]) -> PreTrainedConfig:
+    values = dict(values)
+    model_type = values.pop("model_type", None)
+    if not isinstance(model_type, str) or not model_type:
+        raise JpadaptError("model.from_config: needs model_type (e.g. llama, qwen2, mistral, gemma3_text)")
+    if model_type not in CONFIG_MAPPING:
+        raise JpadaptError(f"model.from_config.model_type: {_unknown_type(model_type)}")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (ValueError, TypeError) as exc:  # e.g. hidden_size not divisible by num_attention_heads
+        raise JpadaptError(f"model.from_config: {_first_line(exc)}") from exc
+
+
+def _check_causal_lm(config: PreTrainedConfig, where: str, trust_remote_code: bool) -> None:
+    """A clear error for a known config type that has no causal-LM class (e.g. a BERT folder)."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        return
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise JpadaptError(f"{where}: model_type {config.model_type!r} is not a causal language model in transformers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folder checks
+
+
+def _model_folder(path: str) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise JpadaptError(f"model.path: {path} does not exist (models are never downloaded; give a local folder)")
+    if not folder.is_dir():
+        raise JpadaptError(f"model.path: {path} is not a folder (expected a Hugging Face model folder)")
+    return folder.resolve()
+
+
+def _read_config_json(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise JpadaptError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise JpadaptError(f"{path}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise JpadaptError(f"{path}: expected a JSON object, found {type(values).__name__}")
+    return values
+
+
+def _check_safetensors(folder: Path) -> None:
+    if any((folder / name).is_file() for name in SAFETENSORS_FILES) or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    hint = (
+        f" (found {', '.join(pickles[:3])}: pickle weights are not loaded; convert them to safetensors)"
+        if pickles
+        else ""
+    )
+    raise JpadaptError(f"{folder}: no safetensors weights (model.safetensors or *.safetensors){hint}")
+
+
+def _unknown_type(model_type: str) -> str:
+    close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown model_type {model_type!r} for this transformers version{hint}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

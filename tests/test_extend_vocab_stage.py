@@ -1,0 +1,169 @@
+"""The extend-vocab stage through the CLI: its figures reproduce from the run directory, the model folder holds
+the base rows unchanged and mean-initialized new rows, and bad input fails before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from pipeline.config import DEFAULT_CONFIG, load_config
+from tests.test_cli import assert_one_line_error, jpadapt, state_of
+
+STAGE = Path("runs/demo/stages/extend-vocab")
+PREPARED = Path("runs/demo/stages/prepare")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("demo")
+    result = jpadapt("extend-vocab", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def texts(folder: Path, split: str) -> list[str]:
+    return [json.loads(line)["text"] for shard in sorted(folder.glob(f"{split}-*.jsonl"))
+            for line in shard.read_text(encoding="utf-8").splitlines()]
+
+
+def test_outputs_and_the_report_reproduce_from_the_run_directory(demo: Path) -> None:
+    from stages.extend_vocab import EXAMPLES
+    from tokenizer.extension_report import render_report
+
+    stage = demo / STAGE
+    summary = read_json(stage / "summary.json")
+    tokens = read_json(stage / "new_tokens.json")
+    assert (stage / "report.md").read_text(encoding="utf-8") == render_report(summary, tokens["tokens"], EXAMPLES)
+    assert summary["base_size"] == 32000 and summary["new_tokens"] == 16000
+    assert [t["id"] for t in tokens["tokens"]] == list(range(32000, 48000))
+    # Issue target on the bundled held-out: LLaMA-2 + 16,000 -> >= 1.6x Japanese chars/token, English unchanged.
+    ja, en = summary["efficiency"]["ja_heldout"], summary["efficiency"]["en_heldout"]
+    assert ja["chars_per_token_ratio"] >= 1.6
+    assert en["base_tokens"] == en["extended_tokens"]
+    assert summary["invariants"]["en"]["documents_with_changed_ids"] == 0
+    assert all(row["roundtrip_failures"] == 0 for row in summary["invariants"].values())
+
+
+def test_token_counts_match_the_libraries(demo: Path) -> None:
+    stage = demo / STAGE
+    summary = read_json(stage / "summary.json")
+    comparison = read_json(stage / "comparison" / "metrics.json")
+    extended = Tokenizer.from_file(str(stage / "tokenizer" / "tokenizer.json"))
+    for lang in ("ja", "en"):
+        docs = texts(demo / PREPARED / lang, "heldout")
+        count = sum(len(e.ids) for e in extended.encode_batch(docs, add_special_tokens=False))
+        row = summary["efficiency"][f"{lang}_heldout"]
+        assert row["extended_tokens"] == count == comparison["tokenizers"]["extended"][f"{lang}_heldout"]["tokens"]
+        assert row["extended_chars_per_token"] == sum(map(len, docs)) / count
+    # Counts of new tokens in the training text, and the pieces each replaces.
+    records = read_json(stage / "new_tokens.json")["tokens"]
+    train = texts(demo / PREPARED / "ja", "train")
+    ids = np.concatenate([e.ids for e in extended.encode_batch(train, add_special_tokens=False)])
+    histogram = np.bincount(ids, minlength=48000)
+    assert [r["count"] for r in records] == [int(histogram[r["id"]]) for r in records]
+    saving = summary["cpt_saving"]
+    ja, en = summary["efficiency"]["ja_heldout"], summary["efficiency"]["en_heldout"]
+    factor = 0.9 * ja["extended_tokens"] / ja["base_tokens"] + 0.1 * en["extended_tokens"] / en["base_tokens"]
+    assert saving["cpt_tokens"] == 60 * 8 * 128
+    assert saving["tokens_for_same_text"] == round(60 * 8 * 128 * factor)
+
+
+def test_model_folder_keeps_base_rows_and_means_new_ones(demo: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.models import load_causal_lm
+
+    folder = demo / STAGE / "model"
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    assert model.config.vocab_size == 48000 and 48000 % 64 == 0
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # still tied
+    cfg = load_config(DEFAULT_CONFIG)
+    base = load_causal_lm(cfg.model, seed=cfg.run.seed)  # the same seeded random model the stage built
+    old = base.get_input_embeddings().weight.detach()
+    new = model.get_input_embeddings().weight.detach()
+    assert torch.equal(new[:32000], old)
+    for record in read_json(folder / "new_tokens.json")["tokens"][::997]:
+        expected = old[record["base_pieces"]].mean(dim=0)
+        assert torch.allclose(new[record["id"]], expected, atol=1e-6), record
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert len(tokenizer) == 48000
+    assert max(tokenizer("東京都の私たちはこうして話した。")["input_ids"]) >= 32000
+
+
+def test_tokenizer_report_adds_the_extended_tokenizer(demo: Path) -> None:
+    result = jpadapt("tokenizer-report", "tokenizer_report.tokenizers={llama2: llama2}", cwd=demo)
+    assert result.returncode == 0, result.stderr
+    metrics = read_json(demo / "runs/demo/stages/tokenizer-report/metrics.json")
+    assert list(metrics["tokenizers"]) == ["llama2", "extended"]
+    summary = read_json(demo / STAGE / "summary.json")
+    assert metrics["tokenizers"]["extended"]["ja_heldout"]["tokens"] == summary["efficiency"]["ja_heldout"]["extended_tokens"]
+
+
+def test_a_forced_rerun_gives_byte_identical_outputs(demo: Path) -> None:
+    before = read_json(demo / STAGE / "manifest.json")["outputs"]
+    result = jpadapt("extend-vocab", "--force", cwd=demo)
+    assert result.returncode == 0, result.stderr
+    after = read_json(demo / STAGE / "manifest.json")["outputs"]
+    assert {k: v["sha256"] for k, v in after.items()} == {k: v["sha256"] for k, v in before.items()}
+    assert "model/model.safetensors" in after and "tokenizer/tokenizer.model" in after
+
+
+def test_byte_level_base_grows_qwen_rows(tmp_path: Path) -> None:
+    """Qwen: new ids start after the added tokens (151,669) inside the model's spare rows (151,936)."""
+    result = jpadapt(
+        "extend-vocab", "model.tokenizer=qwen", "model.from_config.vocab_size=151936",
+        "model.from_config.hidden_size=32", "model.from_config.intermediate_size=64",
+        "extend_vocab.new_tokens=1500", "extend_vocab.max_training_chars=200000", "cpt.enabled=false",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    stage = tmp_path / STAGE
+    records = read_json(stage / "new_tokens.json")["tokens"]
+    assert [r["id"] for r in records] == list(range(151669, 151669 + 1500))
+    assert read_json(stage / "summary.json")["cpt_saving"] is None
+    config = read_json(stage / "model" / "config.json")
+    assert config["vocab_size"] == math.ceil((151669 + 1500) / 64) * 64
+    from safetensors.torch import load_file
+
+    weight = load_file(str(stage / "model" / "model.safetensors"))["model.embed_tokens.weight"]
+    first = records[0]
+    assert torch.allclose(weight[first["id"]], weight[first["base_pieces"]].mean(dim=0), atol=1e-6)
+    assert "chat_template" in read_json(stage / "tokenizer" / "tokenizer_config.json")
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["model.from_config.vocab_size=1000"], ["vocabulary (1,000 embedding rows) does not match", "32,000 ids"]),
+        (["model.tokenizer=llm-jp", "model.from_config.vocab_size=98452"], ["unigram SentencePiece", "algorithm: unigram"]),
+        (["extend_vocab.new_tokens=400000"], ["supports only", "asked for 400000"]),
+        (["extend_vocab.new_tokens=0"], ["extend_vocab.new_tokens", "greater than 0"]),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
+    result = jpadapt("extend-vocab", *overrides, cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / STAGE).exists()
+    status = jpadapt("status", *overrides, cwd=tmp_path)
+    if status.returncode == 0:
+        assert state_of(status.stdout, "extend-vocab") in {"incomplete", "never run"}
+
+
+def test_unknown_tokenizer_kind(tmp_path: Path) -> None:
+    folder = tmp_path / "wordpiece"
+    folder.mkdir()
+    tokenizer = Tokenizer(models.WordPiece({"[UNK]": 0, "日": 1, "本": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    result = jpadapt("extend-vocab", f"model.tokenizer={folder}", cwd=tmp_path)
+    assert_one_line_error(result, "unknown base tokenizer kind", "SentencePiece", "byte-level BPE")
