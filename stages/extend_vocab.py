@@ -213,7 +213,7 @@ def count_new_tokens(extended, texts: list[str], new_ids: list[int]) -> tuple[li
     return [int(histogram[i]) for i in new_ids], encoded
 
 
-def invariants(base, extended, prepared: Path, kind: str, sp_file: Path | None) -> dict[str, Any]:
+def invariants(base, extended, prepared: Path, sp_file: Path | None) -> dict[str, Any]:
     """The checks the issue names, on every held-out record: round trip, English ids, ids vs SentencePiece."""
     import numpy as np
 
@@ -302,11 +302,11 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     records = new_token_records(tok_dir / "tokenizer.json", base_hf_tokenizer(base, ctx.out_dir / ".base"),
                                 new_ids, counts, token_text)
     shutil.rmtree(ctx.out_dir / ".base", ignore_errors=True)
-    _write_json(ctx.out_dir / "new_tokens.json", {"base_size": base_size, "new_ids": [new_ids[0], new_ids[-1] + 1],
+    _write_json(ctx.out_dir / "new_tokens.json", {"base_size": base_size, "new_id_range": [new_ids[0], new_ids[-1] + 1],
                                                   "tokens": records})
 
-    checks = invariants(base_backend, extended, prepared, base.kind,
-                        tok_dir / "tokenizer.model" if base.kind == SENTENCEPIECE else None)
+    sp_file = tok_dir / "tokenizer.model" if base.kind == SENTENCEPIECE else None
+    checks = invariants(base_backend, extended, prepared, sp_file)
     failures = sum(row["roundtrip_failures"] for row in checks.values())
     if failures:
         raise RuntimeError(f"the extended tokenizer does not decode {failures} held-out records back to their text")
