@@ -18,8 +18,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer
 
-from data.assets import materialize, materialize_dir
+from data.assets import materialize_dir
 from pipeline.errors import JpadaptError
+from tests.conftest import read_texts
 from tokenizer.extend_bpe import BpeExtension, extend_byte_level_bpe, touches_japanese, training_pieces
 from tokenizer.load import _bytes_to_unicode
 
@@ -27,11 +28,6 @@ NEW_TOKENS = 2000
 TRAIN_RECORDS = 60  # of 176 (about 340,000 of 1,013,000 characters): 2,000 merges in about 2 s
 BASES = ("qwen", "llama3")
 _BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
-
-
-def read_texts(name: str) -> list[str]:
-    with materialize(name).open(encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
 
 
 def read_json(path: Path) -> dict:
@@ -49,16 +45,6 @@ def encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def ja_train() -> list[str]:
     return read_texts("corpus/ja_train.jsonl")[:TRAIN_RECORDS]
-
-
-@pytest.fixture(scope="module")
-def ja_heldout() -> list[str]:
-    return read_texts("corpus/ja_heldout.jsonl")
-
-
-@pytest.fixture(scope="module")
-def en_heldout() -> list[str]:
-    return read_texts("corpus/en_heldout.jsonl")
 
 
 @dataclass

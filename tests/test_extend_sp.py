@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import fugashi
@@ -12,6 +11,7 @@ from tokenizers import Tokenizer
 
 from data.assets import materialize
 from pipeline.errors import JpadaptError
+from tests.conftest import read_texts
 from tokenizer.extend_sp import (
     MORPHEME_DELIMITER,
     extend_sentencepiece,
@@ -24,19 +24,14 @@ from tokenizer.extend_sp import (
 )
 
 
-def texts(name: str, limit: int | None = None) -> list[str]:
-    lines = materialize(f"corpus/{name}.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["text"] for line in lines[:limit]]
-
-
 @pytest.fixture(scope="module")
 def ja_train() -> list[str]:
-    return texts("ja_train")
+    return read_texts("corpus/ja_train.jsonl")
 
 
 @pytest.fixture(scope="module")
-def heldout() -> dict[str, list[str]]:
-    return {"ja": texts("ja_heldout"), "en": texts("en_heldout")}
+def heldout(ja_heldout: list[str], en_heldout: list[str]) -> dict[str, list[str]]:
+    return {"ja": ja_heldout, "en": en_heldout}
 
 
 def base_file(name: str) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import lzma
 import shutil
 import socket
 import unicodedata
@@ -19,7 +18,7 @@ import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer
 
-from data.assets import materialize_dir, stored_path
+from data.assets import materialize_dir
 from pipeline.errors import JpadaptError
 from tokenizer.backend import EncodedText
 from tokenizer.load import (
@@ -45,21 +44,6 @@ EXPECTED = {  # kind, vocab_size (special and added tokens included)
     "llama3": ("byte-level-bpe", 128256),  # 128000 BPE + 256 special
     "qwen": ("byte-level-bpe", 151669),  # 151643 BPE + 26 added (14 special)
 }
-
-
-def read_texts(name: str) -> list[str]:
-    with lzma.open(stored_path(name), "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
-
-
-@pytest.fixture(scope="module")
-def ja_heldout() -> list[str]:
-    return read_texts("corpus/ja_heldout.jsonl")
-
-
-@pytest.fixture(scope="module")
-def en_heldout() -> list[str]:
-    return read_texts("corpus/en_heldout.jsonl")
 
 
 @pytest.fixture(scope="module")
