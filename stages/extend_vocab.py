@@ -94,19 +94,15 @@ def _is_byte_level_bpe(file: Path) -> bool:
     return model.get("type") == "BPE" and "ByteLevel" in json.dumps(config.get("decoder"))
 
 
-def _base_size(base: BaseTokenizer) -> int:
-    from tokenizer.load import load_tokenizer
-
-    return load_tokenizer(str(base.file), name="base").vocab_size
-
-
 def has_model(cfg: PipelineConfig) -> bool:
     return cfg.model.path is not None or cfg.model.from_config is not None
 
 
-def preflight(cfg: PipelineConfig, base: BaseTokenizer) -> int:
-    """Every check that needs no learning, so bad input fails before minutes of work. Returns the base size."""
+def preflight(cfg: PipelineConfig, base: BaseTokenizer):
+    """Every check that needs no learning, so bad input fails before minutes of work. Returns the base
+    tokenizer, loaded."""
     from tokenizer.extend_sp import model_type, read_model
+    from tokenizer.load import load_tokenizer
 
     settings = cfg.extend_vocab
     if base.kind == SENTENCEPIECE and model_type(read_model(base.file)) == "unigram" and settings.algorithm != "unigram":
@@ -114,7 +110,8 @@ def preflight(cfg: PipelineConfig, base: BaseTokenizer) -> int:
             f"extend_vocab.algorithm: {base.file} is a unigram SentencePiece model, whose pieces need "
             "log-probabilities that BPE candidates lack; set extend_vocab.algorithm: unigram (got bpe)"
         )
-    size = _base_size(base)
+    backend = load_tokenizer(str(base.file), name="base")
+    size = backend.vocab_size
     if has_model(cfg):
         from eval.models import model_vocab_size
 
@@ -124,7 +121,7 @@ def preflight(cfg: PipelineConfig, base: BaseTokenizer) -> int:
                 f"model: its vocabulary ({rows:,} embedding rows) does not match the base tokenizer "
                 f"{base.spec!r} ({size:,} ids); set model.tokenizer to the model's own tokenizer"
             )
-    return size
+    return backend
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,11 +186,9 @@ def base_hf_tokenizer(base: BaseTokenizer, scratch: Path):
     return Tokenizer.from_file(str(scratch / "tokenizer.json"))
 
 
-def new_token_records(extended_json: Path, base_tk, new_ids: list[int], counts: list[int], token_text) -> list[dict]:
-    """Per new id: its vocabulary string, the text it stands for, the base ids it replaces, its count."""
-    from tokenizers import Tokenizer
-
-    extended = Tokenizer.from_file(str(extended_json))
+def new_token_records(extended, base_tk, new_ids: list[int], counts: list[int], token_text) -> list[dict]:
+    """Per new id: its vocabulary string, the text it stands for, the base ids it replaces, its count.
+    `extended` and `base_tk` are `tokenizers.Tokenizer`s."""
     records = []
     for new_id, count in zip(new_ids, counts):
         token = extended.id_to_token(new_id)
@@ -213,8 +208,9 @@ def count_new_tokens(extended, texts: list[str], new_ids: list[int]) -> tuple[li
     return [int(histogram[i]) for i in new_ids], encoded
 
 
-def invariants(base, extended, prepared: Path, sp_file: Path | None) -> dict[str, Any]:
-    """The checks the issue names, on every held-out record: round trip, English ids, ids vs SentencePiece."""
+def invariants(base, extended, prepared: Path, sp_file: Path | None, comparison: dict[str, Any]) -> dict[str, Any]:
+    """The checks the issue names, on every held-out record: round trip and token counts (from the comparison,
+    which already encoded and decoded every record), records whose ids changed, ids vs SentencePiece."""
     import numpy as np
 
     result: dict[str, Any] = {}
@@ -222,15 +218,18 @@ def invariants(base, extended, prepared: Path, sp_file: Path | None) -> dict[str
         texts = list(_texts(_shards(prepared, lang, "heldout")))
         if not texts:
             continue
+        measured = {name: comparison["tokenizers"][name][f"{lang}_heldout"] for name in ("base", "extended")}
+        row = {
+            "documents": len(texts),
+            "roundtrip_failures": measured["extended"]["roundtrip_failures"],
+            "base_tokens": measured["base"]["tokens"],
+            "extended_tokens": measured["extended"]["tokens"],
+        }
         ext = [e.ids for e in extended.encode_batch(texts)]
-        decoded = extended.decode_batch(ext)
-        row = {"documents": len(texts), "roundtrip_failures": sum(d != t for d, t in zip(decoded, texts))}
         old = [e.ids for e in base.encode_batch(texts)]
         changed = [not np.array_equal(a, b) for a, b in zip(old, ext)]
         row["documents_with_changed_ids"] = int(sum(changed))
         row["tokens_in_changed_documents"] = int(sum(len(a) for a, c in zip(old, changed) if c))
-        row["base_tokens"] = int(sum(map(len, old)))
-        row["extended_tokens"] = int(sum(map(len, ext)))
         if sp_file is not None:
             import sentencepiece as spm
 
@@ -278,7 +277,8 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
 
     settings = cfg.extend_vocab
     base = find_base(_tokenizer_spec(cfg))
-    base_size = preflight(cfg, base)
+    base_backend = preflight(cfg, base)
+    base_size = base_backend.vocab_size
     prepared = ctx.artifact("prepare")
     texts = _capped(_texts(_shards(prepared, "ja", "train")), settings.max_training_chars)
     if not any(t.strip() for t in texts):
@@ -292,24 +292,17 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         raise RuntimeError(f"extension starts at id {added['base_size']}, the base has {base_size} ids")
     new_ids = added["new_ids"]
 
-    base_backend = load_tokenizer(str(base.file), name="base")
     extended = load_tokenizer(str(tok_dir), name="extended")
     counts, encoded = count_new_tokens(extended, texts, new_ids)
 
     def token_text(i: int) -> str:
         return extended.token_bytes[i].decode("utf-8", errors="replace")
 
-    records = new_token_records(tok_dir / "tokenizer.json", base_hf_tokenizer(base, ctx.out_dir / ".base"),
+    records = new_token_records(extended.tokenizer, base_hf_tokenizer(base, ctx.out_dir / ".base"),
                                 new_ids, counts, token_text)
     shutil.rmtree(ctx.out_dir / ".base", ignore_errors=True)
     _write_json(ctx.out_dir / "new_tokens.json", {"base_size": base_size, "new_id_range": [new_ids[0], new_ids[-1] + 1],
                                                   "tokens": records})
-
-    sp_file = tok_dir / "tokenizer.model" if base.kind == SENTENCEPIECE else None
-    checks = invariants(base_backend, extended, prepared, sp_file)
-    failures = sum(row["roundtrip_failures"] for row in checks.values())
-    if failures:
-        raise RuntimeError(f"the extended tokenizer does not decode {failures} held-out records back to their text")
 
     corpora = [Corpus(f"{lang}_heldout", _shards(prepared, lang, "heldout")) for lang in ("ja", "en")
                if _shards(prepared, lang, "heldout")]
@@ -317,6 +310,11 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     comparison = compare(corpora, {"base": base_backend, "extended": extended}, baseline="base",
                          compute_params=report_settings.compute_params,
                          context_length=report_settings.context_length)
+    sp_file = tok_dir / "tokenizer.model" if base.kind == SENTENCEPIECE else None
+    checks = invariants(base_backend, extended, prepared, sp_file, comparison)
+    failures = sum(row["roundtrip_failures"] for row in checks.values())
+    if failures:
+        raise RuntimeError(f"the extended tokenizer does not decode {failures} held-out records back to their text")
     write_outputs(comparison, ctx.out_dir / "comparison")
 
     model_info = None

@@ -74,20 +74,15 @@ def model_type(model: sp_pb.ModelProto) -> str:
     return kind
 
 
-def training_lines(texts: Iterable[str], max_chars: int | None = None) -> list[str]:
-    """Non-empty lines, long ones cut, up to `max_chars` characters in all."""
+def training_lines(texts: Iterable[str]) -> list[str]:
+    """Non-empty lines, long ones cut."""
     lines: list[str] = []
-    total = 0
     for text in texts:
         for line in text.split("\n"):
             for start in range(0, len(line), MAX_LINE_CHARS):
                 piece = line[start : start + MAX_LINE_CHARS]
-                if not piece.strip():
-                    continue
-                if max_chars is not None and total + len(piece) > max_chars:
-                    return lines
-                lines.append(piece)
-                total += len(piece)
+                if piece.strip():
+                    lines.append(piece)
     return lines
 
 
@@ -239,7 +234,6 @@ def extend_sentencepiece(
     *,
     algorithm: str,
     morpheme_pretokenize: bool,
-    max_chars: int | None = None,
     threads: int = 2,
 ) -> tuple[sp_pb.ModelProto, SpExtension]:
     """Learn candidates on `texts` and append the best `new_tokens` to the model in `base_file`.
@@ -253,7 +247,7 @@ def extend_sentencepiece(
             f"{base_file} is a unigram SentencePiece model: set extend_vocab.algorithm: unigram "
             "(its pieces need log-probabilities, which BPE candidates lack)"
         )
-    lines = training_lines(texts, max_chars)
+    lines = training_lines(texts)
     # SentencePiece needs a piece per covered character on top of the multi-character pieces.
     size = int(new_tokens * 1.25) + len(set().union(*map(set, lines))) + 100
     started = time.monotonic()
