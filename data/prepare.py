@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -291,3 +291,27 @@ def _names(files: list[dict]) -> str:
 
 def _nonzero(counts: dict[str, int]) -> str:
     return ", ".join(f"{key} {value}" for key, value in counts.items() if value)
+
+
+def prepared_shards(prepared: Path, lang: str, split: str) -> list[Path]:
+    """The JSONL shards `prepare` wrote for one language and split ("train" or "heldout"), in order."""
+    return sorted((prepared / lang).glob(f"{split}-*.jsonl"))
+
+
+def prepared_texts(shards: list[Path]) -> Iterator[str]:
+    """The "text" of every record of prepared shards, streaming (they were validated when written)."""
+    for shard in shards:
+        with open(shard, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+
+def capped_texts(texts: Iterable[str], max_chars: int | None) -> list[str]:
+    """Texts in order until `max_chars` characters, the last one cut to fit (None: all of them)."""
+    out, total = [], 0
+    for text in texts:
+        if max_chars is not None and total >= max_chars:
+            break
+        out.append(text if max_chars is None else text[: max_chars - total])
+        total += len(out[-1])
+    return out

@@ -33,26 +33,29 @@ SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 # Cheap facts, no weights
 
 
+def model_config_values(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The model's config values (config.json, or `from_config` over the model type's defaults), without
+    loading weights. Multimodal configs (e.g. Gemma 3 4B) keep the language model's values under `text_config`,
+    which are merged over the top level here."""
+    if model_cfg.path is not None:
+        values = _read_config_json(_model_folder(model_cfg.path))
+    elif model_cfg.from_config is not None:
+        # The model type's defaults fill what from_config leaves out (LLaMA's vocab_size is 32000 by default).
+        values = _build_config(model_cfg.from_config).to_dict()
+    else:
+        raise JpadaptError("model: set model.path (a local model folder) or model.from_config")
+    text = values.get("text_config")
+    return {**values, **text} if isinstance(text, dict) else values
+
+
 def model_vocab_size(model_cfg: ModelConfig) -> int:
     """The model's number of embedding rows, read from config.json or `from_config`, without loading weights.
 
     Stages call it first to refuse, before any work, a model whose vocabulary does not match the base tokenizer.
-    Multimodal configs (e.g. Gemma 3 4B) keep the language model's values under `text_config`.
     """
-    if model_cfg.path is not None:
-        folder = _model_folder(model_cfg.path)
-        values = _read_config_json(folder)
-        where = f"{folder / 'config.json'}"
-    elif model_cfg.from_config is not None:
-        # The model type's defaults fill what from_config leaves out (LLaMA's vocab_size is 32000 by default).
-        values = _build_config(model_cfg.from_config).to_dict()
-        where = "model.from_config"
-    else:
-        raise JpadaptError("model: set model.path (a local model folder) or model.from_config")
-    size = values.get("vocab_size")
-    if size is None and isinstance(values.get("text_config"), dict):
-        size = values["text_config"].get("vocab_size")
+    size = model_config_values(model_cfg).get("vocab_size")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        where = f"{_model_folder(model_cfg.path) / 'config.json'}" if model_cfg.path is not None else "model.from_config"
         raise JpadaptError(f"{where}: no valid vocab_size (found {size!r})")
     return size
 

@@ -190,8 +190,9 @@ def _accepts_logits_to_keep(model: Any) -> bool:
 
 
 def _vocab_rows(model: Any) -> int:
-    embeddings = model.get_input_embeddings()
-    return int(embeddings.weight.shape[0])
+    weight = model.get_input_embeddings().weight
+    # Under DeepSpeed ZeRO-3 each rank holds a flat shard; `ds_shape` is the full shape.
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
 def _score(

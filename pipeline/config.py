@@ -183,9 +183,12 @@ class CptConfig(StageSection):
     hostfile: str | None = Field(None, description="DeepSpeed hostfile, needed when num_nodes > 1.")
     master_port: int = Field(29500, ge=1024, le=65535)
     accelerator: Literal["auto", "cuda", "cpu"] = "auto"
-    eval_every: int = Field(100, ge=1)
-    save_every: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(100, ge=1, description="Steps between points of the JA/EN forgetting curve.")
+    eval_chars: int | None = Field(
+        200_000, ge=1, description="Held-out characters per language in each evaluation, documents in order (null: all)."
+    )
+    save_every: int = Field(500, ge=1, description="Steps between DeepSpeed checkpoints (resume after a crash).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
 
     @field_validator("adam_betas", mode="before")
     @classmethod

@@ -113,8 +113,11 @@ class RunDir:
 
     def lock(self) -> None:
         """One command at a time per run directory: two writers would corrupt manifests."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle = (self.root / ".lock").open("a+")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = (self.root / ".lock").open("a+")
+        except OSError as exc:  # a file in the way, a read-only disk, no permission
+            raise JpadaptError(f"run.output_dir: cannot write the run directory {self.root} ({exc.strerror})") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

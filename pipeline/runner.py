@@ -215,6 +215,7 @@ class Pipeline:
             seed=set_seed(self.cfg.run.seed),
             log=logger,
             resuming=resuming,
+            forced=forced,
             prerequisites={r: self.rundir.stage_dir(r) for r in self.reads(name)},
         )
         started, clock = now_iso(), time.monotonic()

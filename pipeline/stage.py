@@ -65,6 +65,7 @@ class StageContext:
     seed: int
     log: logging.Logger
     resuming: bool = False
+    forced: bool = False  # `--force`: rerun even if up to date, and launch even if the plan says it will not fit
     prerequisites: dict[str, Path] = field(default_factory=dict)
 
     def artifact(self, stage: str) -> Path:

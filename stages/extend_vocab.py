@@ -21,11 +21,11 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.prepare import capped_texts, prepared_shards, prepared_texts
 from pipeline.config import BUNDLED_TOKENIZERS, PipelineConfig, TokenizerReportConfig
 from pipeline.errors import JpadaptError
 from pipeline.paths import resolve_path
@@ -127,27 +127,6 @@ def preflight(cfg: PipelineConfig, base: BaseTokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _shards(prepared: Path, lang: str, split: str) -> list[Path]:
-    return sorted((prepared / lang).glob(f"{split}-*.jsonl"))
-
-
-def _texts(shards: list[Path]) -> Iterator[str]:
-    for shard in shards:
-        with open(shard, encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)["text"]
-
-
-def _capped(texts: Iterator[str], max_chars: int | None) -> list[str]:
-    out, total = [], 0
-    for text in texts:
-        if max_chars is not None and total >= max_chars:
-            break
-        out.append(text if max_chars is None else text[: max_chars - total])
-        total += len(out[-1])
-    return out
-
-
 def build_tokenizer(cfg: PipelineConfig, base: BaseTokenizer, texts: list[str], out: Path, log) -> dict[str, Any]:
     """Learn and write the extended tokenizer folder; returns what was added."""
     settings = cfg.extend_vocab
@@ -215,7 +194,7 @@ def invariants(base, extended, prepared: Path, sp_file: Path | None, comparison:
 
     result: dict[str, Any] = {}
     for lang in ("ja", "en"):
-        texts = list(_texts(_shards(prepared, lang, "heldout")))
+        texts = list(prepared_texts(prepared_shards(prepared, lang, "heldout")))
         if not texts:
             continue
         measured = {name: comparison["tokenizers"][name][f"{lang}_heldout"] for name in ("base", "extended")}
@@ -280,7 +259,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     base_backend = preflight(cfg, base)
     base_size = base_backend.vocab_size
     prepared = ctx.artifact("prepare")
-    texts = _capped(_texts(_shards(prepared, "ja", "train")), settings.max_training_chars)
+    texts = capped_texts(prepared_texts(prepared_shards(prepared, "ja", "train")), settings.max_training_chars)
     if not any(t.strip() for t in texts):
         raise JpadaptError(f"{prepared / 'ja'}: no Japanese training text to learn new tokens from")
 
@@ -304,8 +283,8 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     _write_json(ctx.out_dir / "new_tokens.json", {"base_size": base_size, "new_id_range": [new_ids[0], new_ids[-1] + 1],
                                                   "tokens": records})
 
-    corpora = [Corpus(f"{lang}_heldout", _shards(prepared, lang, "heldout")) for lang in ("ja", "en")
-               if _shards(prepared, lang, "heldout")]
+    corpora = [Corpus(f"{lang}_heldout", prepared_shards(prepared, lang, "heldout")) for lang in ("ja", "en")
+               if prepared_shards(prepared, lang, "heldout")]
     report_settings = cfg.tokenizer_report or TokenizerReportConfig()
     comparison = compare(corpora, {"base": base_backend, "extended": extended}, baseline="base",
                          compute_params=report_settings.compute_params,

@@ -44,11 +44,12 @@ def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
 
 
 def _heldout_corpora(prepared: Path) -> list[Any]:
+    from data.prepare import prepared_shards
     from tokenizer.compare import Corpus
 
     corpora = []
     for lang in ("ja", "en"):
-        shards = sorted((prepared / lang).glob("heldout-*.jsonl"))
+        shards = prepared_shards(prepared, lang, "heldout")
         if shards:
             corpora.append(Corpus(f"{lang}_heldout", shards))
     if not corpora:

@@ -1,0 +1,148 @@
+"""The cpt stage's report: forgetting curves (Japanese and English bits per byte over training) and run facts.
+
+    write_report(stage_dir)     # reads summary.json, forgetting.jsonl, metrics.jsonl; writes report.md,
+                                # report.html and forgetting.png
+
+Every number printed comes from those three files, so a test can recompute the report from the run directory.
+Bits per byte is the headline (comparable across vocabularies); loss per token is shown beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from matplotlib import style
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tokenizer.report import Bullets, Heading, Paragraph, Plot, Table, render_html, render_markdown
+
+LANG_NAMES = {"ja": "Japanese", "en": "English"}
+LANG_COLORS = {"ja": "#c0392b", "en": "#3b5b92"}
+PLOT = "forgetting.png"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_report(stage_dir: Path) -> None:
+    summary = json.loads((stage_dir / "summary.json").read_text(encoding="utf-8"))
+    evals = read_jsonl(stage_dir / "forgetting.jsonl")
+    steps = read_jsonl(stage_dir / "metrics.jsonl")
+    plot = plot_curves(evals, steps)
+    (stage_dir / PLOT).write_bytes(plot.png)
+    blocks = build_blocks(summary, evals, steps, plot)
+    markdown = render_markdown(blocks).replace("\n## Forgetting curve\n", f"\n## Forgetting curve\n\n![{plot.alt}]({PLOT})\n", 1)
+    (stage_dir / "report.md").write_text(markdown, encoding="utf-8")
+    (stage_dir / "report.html").write_text(render_html(blocks, "Continued pretraining"), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- content
+
+
+def languages(evals: list[dict[str, Any]]) -> list[str]:
+    return [lang for lang in LANG_NAMES if evals and lang in evals[0]]
+
+
+def change_lines(evals: list[dict[str, Any]]) -> list[str]:
+    """First vs last evaluation, per language: what the run did to each."""
+    if len(evals) < 2:
+        return []
+    first, last = evals[0], evals[-1]
+    lines = []
+    for lang in languages(evals):
+        before, after = first[lang]["bits_per_byte"], last[lang]["bits_per_byte"]
+        lines.append(f"{LANG_NAMES[lang]} bits per byte: {before:.4f} at step {first['step']} -> {after:.4f} at "
+                     f"step {last['step']} ({after - before:+.4f}, {(after - before) / before:+.1%})")
+    return lines
+
+
+def eval_table(evals: list[dict[str, Any]]) -> Table:
+    langs = languages(evals)
+    header = ["step", "tokens"]
+    for lang in langs:
+        header += [f"{LANG_NAMES[lang]} bits/byte", f"{LANG_NAMES[lang]} loss"]
+    rows = []
+    for record in evals:
+        row = [str(record["step"]), f"{record['tokens']:,}"]
+        for lang in langs:
+            row += [f"{record[lang]['bits_per_byte']:.4f}", f"{record[lang]['loss']:.4f}"]
+        rows.append(row)
+    return Table(header, rows, [True] * len(header))
+
+
+def setup_lines(summary: dict[str, Any]) -> list[str]:
+    by_lang = summary["tokens_by_language"]
+    extended = summary.get("extended_from")
+    return [
+        (f"{summary['steps']:,} optimizer steps x {summary['global_batch_sequences']} sequences x "
+         f"{summary['seq_len']} tokens = {summary['tokens_seen']:,} tokens "
+         f"(Japanese {by_lang['ja']:,}, English {by_lang['en']:,})"),
+        (f"English replay: configured {summary['replay_ratio']:.2%}, realized {summary['realized_en_share']:.2%} "
+         "of the training tokens"),
+        (f"{summary['world_size']} process(es) on {summary['accelerator']}, DeepSpeed ZeRO-{summary['zero_stage']}, "
+         f"{summary['precision']}"),
+        "model: " + ("the extend-vocab output (grown vocabulary)" if extended else "the configured base model"),
+    ]
+
+
+def speed_lines(summary: dict[str, Any]) -> list[str]:
+    peak = summary["peak_memory"]
+    check = summary.get("consolidation_check") or {}
+    lines = [
+        (f"{summary['tokens_per_s']:,.0f} tokens/s over {summary['train_seconds']:.1f} s of training "
+         f"({summary['wall_seconds']:.1f} s wall, evaluations and checkpoints included)"),
+        f"peak memory per process: {peak['bytes'] / 2**30:.2f} GiB ({peak['kind']})",
+    ]
+    if check:
+        lines.append(f"consolidated model/ reloaded with transformers: logits within {check['max_abs_logit_diff']:.2g} "
+                     f"of the engine's on {check['probe_tokens']} probe tokens (tolerance {check['tolerance']:g})")
+    return lines
+
+
+def build_blocks(summary: dict[str, Any], evals: list[dict[str, Any]], steps: list[dict[str, Any]], plot: Plot) -> list:
+    blocks: list = [Heading("Continued pretraining", 1), Bullets(setup_lines(summary))]
+    blocks += [Heading("Forgetting curve", 2), plot]
+    changes = change_lines(evals)
+    if changes:
+        blocks.append(Bullets(changes))
+    blocks += [
+        Paragraph("Bits per byte = total negative log-likelihood in bits / UTF-8 bytes of the held-out text: "
+                  "comparable between models with different vocabularies. Loss is per token (nats)."),
+        eval_table(evals),
+    ]
+    if steps:
+        blocks += [Heading("Training", 2),
+                   Bullets([(f"loss {steps[0]['loss']:.4f} at step {steps[0]['step']} -> {steps[-1]['loss']:.4f} "
+                             f"at step {steps[-1]['step']}"), *speed_lines(summary)])]
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------- plot
+
+
+def plot_curves(evals: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Plot:
+    with style.context("default"):
+        fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        left, right = fig.subplots(1, 2)
+        for lang in languages(evals):
+            left.plot([e["step"] for e in evals], [e[lang]["bits_per_byte"] for e in evals], marker="o",
+                      color=LANG_COLORS[lang], label=f"{LANG_NAMES[lang]} held-out")
+        left.set(title="Bits per byte (lower is better)", xlabel="step", ylabel="bits per byte")
+        left.legend(frameon=False)
+        left.grid(alpha=0.3)
+        if steps:
+            right.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="#555555", lw=1)
+        right.set(title="Training loss (nats/token, JA+EN mixture)", xlabel="step", ylabel="loss")
+        right.grid(alpha=0.3)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", metadata={"Software": None})
+    return Plot(buffer.getvalue(), "forgetting curves",
+                "Left: held-out bits per byte at every evaluation. Right: training loss per step.")

@@ -1,0 +1,181 @@
+"""Start a distributed training job as a subprocess, the way users already run DeepSpeed.
+
+    job = launch_command("stages.cpt", [str(spec_file)], cfg.cpt)
+    check_launch(cfg.cpt)                  # port, hostfile: clear errors before anything starts
+    returncode = run_job(job, log)         # waits; Ctrl-C stops the workers too
+
+One process (`num_gpus: 1`, one node) runs `python -m MODULE` directly with the rendezvous variables a single
+rank needs. More processes go through DeepSpeed's own launcher (`python -m deepspeed.launcher.runner`, the
+`deepspeed` command): `--num_gpus`, `--num_nodes`, `--hostfile`, `--master_port` come from the YAML, and the
+argument list is built without a shell. On CPU, `--num_gpus` must be given even on one node (DeepSpeed's CPU
+"device count" is the number of NUMA nodes) and `DS_ACCELERATOR=cpu` selects gloo.
+
+Also the DeepSpeed config dict that the training workers pass to `deepspeed.initialize`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.errors import JpadaptError
+
+# How long workers get to exit after Ctrl-C or a failure before they are killed.
+STOP_GRACE_S = 30
+
+
+class LaunchSettings(Protocol):
+    """The launch keys of a training section (cpt; sft when it runs on several GPUs)."""
+
+    num_gpus: int
+    num_nodes: int
+    hostfile: str | None
+    master_port: int
+
+
+@dataclass(frozen=True)
+class Job:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added to the current environment
+    world_size: int = 1
+
+
+def launch_command(module: str, args: list[str], settings: LaunchSettings, accelerator: str) -> Job:
+    """The command that runs `python -m module args...` on every rank. `accelerator` is "cpu" or "cuda"."""
+    env = {"DS_ACCELERATOR": accelerator, "PYTHONUNBUFFERED": "1"}
+    world = settings.num_gpus * settings.num_nodes
+    if world == 1:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(settings.master_port))
+        return Job([sys.executable, "-m", module, *args], env, 1)
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(settings.num_gpus),
+            "--num_nodes", str(settings.num_nodes), "--master_port", str(settings.master_port)]
+    if settings.hostfile is not None:
+        argv += ["--hostfile", str(Path(settings.hostfile).expanduser())]
+    # The launcher starts `python -u -m module` on each node, from this working directory.
+    return Job([*argv, "--module", module, *args], env, world)
+
+
+def check_launch(settings: LaunchSettings, section: str) -> None:
+    """Problems that would otherwise surface minutes later inside the launcher or the first all-reduce."""
+    if settings.num_nodes > 1:
+        _check_hostfile(settings, section)
+    elif not port_free(settings.master_port):
+        raise JpadaptError(
+            f"{section}.master_port: port {settings.master_port} is in use on this machine (another training "
+            f"job?); pick a free one, e.g. {section}.master_port={free_port()}"
+        )
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on `port`. SO_REUSEADDR as torch's rendezvous store sets it: connections of a finished
+    job lingering in TIME_WAIT do not block the port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _check_hostfile(settings: LaunchSettings, section: str) -> None:
+    path = Path(str(settings.hostfile)).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JpadaptError(f"{section}.hostfile: cannot read {path} ({exc})") from None
+    hosts = []
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = [p for p in parts[1:] if p.startswith("slots=")]
+        if len(parts) != 2 or not slots or not slots[0][6:].isdigit():
+            raise JpadaptError(f"{path}:{number}: expected `HOSTNAME slots=N`, got {line!r}")
+        hosts.append((parts[0], int(slots[0][6:])))
+    if len(hosts) < settings.num_nodes:
+        raise JpadaptError(f"{section}.num_nodes is {settings.num_nodes} but {path} lists {len(hosts)} host(s)")
+    short = [host for host, slots in hosts[: settings.num_nodes] if slots < settings.num_gpus]
+    if short:
+        raise JpadaptError(f"{path}: {', '.join(short)} has fewer slots than {section}.num_gpus ({settings.num_gpus})")
+
+
+def run_job(job: Job, log: logging.Logger) -> int:
+    """Run the job with its output on this console; wait for it. Ctrl-C (or any exception here) stops the
+    workers as well: they are in this process group, and get SIGINT, then SIGKILL after a grace period."""
+    log.info("launching %d process(es): %s", job.world_size, " ".join(job.argv))
+    process = subprocess.Popen(job.argv, env={**os.environ, **job.env})
+    try:
+        return process.wait()
+    except BaseException:
+        _stop(process)
+        raise
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed config
+
+
+def deepspeed_config(
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    grad_clip: float,
+    precision: str,
+    zero_stage: int,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    optimizer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `deepspeed.initialize` config. `optimizer`: let DeepSpeed build it (FusedAdam on GPU, CPUAdam when
+    offloading); None: the caller passes a torch optimizer (on CPU, where DeepSpeed's ops would first compile)."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        # The consolidated HF folder at the end needs the full weights gathered onto rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # jpadapt logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if optimizer is not None:
+        config["optimizer"] = optimizer
+    elif offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False  # a torch AdamW stepping on the CPU copy is allowed
+    return config
