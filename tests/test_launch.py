@@ -1,0 +1,97 @@
+"""How training jobs are launched: argument lists (no shell), rendezvous variables, hostfile and port checks,
+the DeepSpeed config, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import socket
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from pipeline.errors import JpadaptError
+from pipeline.launch import check_launch, deepspeed_config, launch_command, port_free
+from stages.cpt import lr_schedule
+
+
+@dataclass
+class Settings:
+    num_gpus: int = 1
+    num_nodes: int = 1
+    hostfile: str | None = None
+    master_port: int = 29555
+
+
+def test_one_process_runs_the_module_directly_with_rank_variables():
+    job = launch_command("stages.cpt", ["/tmp/job.json"], Settings(), "cpu")
+    assert job.argv == [sys.executable, "-m", "stages.cpt", "/tmp/job.json"]
+    assert job.world_size == 1
+    assert job.env["RANK"] == "0" and job.env["WORLD_SIZE"] == "1" and job.env["LOCAL_RANK"] == "0"
+    assert job.env["MASTER_PORT"] == "29555" and job.env["DS_ACCELERATOR"] == "cpu"
+
+
+def test_several_processes_go_through_the_deepspeed_launcher(tmp_path):
+    hostfile = tmp_path / "hosts"
+    job = launch_command("stages.cpt", ["job.json"], Settings(8, 2, str(hostfile), 29600), "cuda")
+    assert job.argv[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert job.argv[job.argv.index("--num_gpus") + 1] == "8"
+    assert job.argv[job.argv.index("--num_nodes") + 1] == "2"
+    assert job.argv[job.argv.index("--master_port") + 1] == "29600"
+    assert job.argv[job.argv.index("--hostfile") + 1] == str(hostfile)
+    assert job.argv[-3:] == ["--module", "stages.cpt", "job.json"]
+    assert job.world_size == 16 and job.env["DS_ACCELERATOR"] == "cuda"
+    assert "RANK" not in job.env  # the launcher sets them per process
+
+
+def test_hostfile_is_checked(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode-a slots=8\nnode-b slots=4\n")
+    check_launch(Settings(4, 2, str(hostfile)), "cpt")
+    with pytest.raises(JpadaptError, match="node-b has fewer slots"):
+        check_launch(Settings(8, 2, str(hostfile)), "cpt")
+    with pytest.raises(JpadaptError, match="num_nodes is 3 but .* lists 2 host"):
+        check_launch(Settings(4, 3, str(hostfile)), "cpt")
+    hostfile.write_text("node-a 8\n")
+    with pytest.raises(JpadaptError, match=r"hosts:1: expected `HOSTNAME slots=N`"):
+        check_launch(Settings(4, 2, str(hostfile)), "cpt")
+    with pytest.raises(JpadaptError, match="cannot read"):
+        check_launch(Settings(4, 2, str(tmp_path / "missing")), "cpt")
+
+
+def test_port_check():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert not port_free(port)
+        with pytest.raises(JpadaptError, match=f"port {port} is in use"):
+            check_launch(Settings(master_port=port), "cpt")
+    assert port_free(port)
+
+
+def test_deepspeed_config():
+    config = deepspeed_config(micro_batch_size=4, grad_accum=8, grad_clip=1.0, precision="bf16", zero_stage=3,
+                              offload_optimizer=True, offload_params=True)
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 8
+    assert config["bf16"] == {"enabled": True} and "fp16" not in config
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert config["zero_force_ds_cpu_optimizer"] is False and "optimizer" not in config
+    fp32 = deepspeed_config(micro_batch_size=1, grad_accum=1, grad_clip=0.5, precision="fp32", zero_stage=0,
+                            optimizer={"type": "AdamW", "params": {"lr": 1e-4}})
+    assert "bf16" not in fp32 and "fp16" not in fp32 and fp32["optimizer"]["type"] == "AdamW"
+    assert "zero_force_ds_cpu_optimizer" not in fp32
+
+
+def test_lr_schedule_rewarms_then_decays_to_the_floor():
+    schedule = lr_schedule(1e-4, warmup=10, total=110, min_ratio=0.1)
+    assert schedule(0) == pytest.approx(1e-5) and schedule(9) == pytest.approx(1e-4)
+    assert schedule(10) == pytest.approx(1e-4)
+    assert schedule(60) == pytest.approx(1e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))
+    assert schedule(110) == pytest.approx(1e-5) and schedule(500) == pytest.approx(1e-5)
+    values = [schedule(step) for step in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+    assert lr_schedule(1e-3, warmup=0, total=5, min_ratio=0.0)(0) == pytest.approx(1e-3)
