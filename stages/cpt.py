@@ -29,7 +29,10 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 # Tolerance of the consolidated model's logits against the engine's, by training precision.
 LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 # ============================================================================================ stage process
@@ -252,6 +256,19 @@ def _launch(cfg: PipelineConfig, ctx: StageContext, job_file: Path, accelerator:
 # ============================================================================================ worker (every rank)
 
 
+@dataclass
+class Clock:
+    """Seconds spent in training steps, and wall seconds, carried across resumes in the checkpoints."""
+
+    train_seconds: float
+    wall_before: float
+    started: float = field(default_factory=time.monotonic)
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.monotonic() - self.started
+
+
+
 class Worker:
     """One rank of the training job: engine, data, evaluation, checkpoints, metrics."""
 
@@ -269,6 +286,7 @@ class Worker:
         self.device = torch.device(f"cuda:{self.local_rank}" if self.accelerator == "cuda" else "cpu")
         s = self.settings
         self.group_blocks = s["micro_batch_size"] * s["grad_accum"] * self.world
+        self.schedule = lr_schedule(s["lr"], s["warmup_steps"], self.total, s["min_lr_ratio"])
         self.metrics = self.out / "metrics.jsonl"
         self.forgetting = self.out / "forgetting.jsonl"
         self.board = None
@@ -279,8 +297,12 @@ class Worker:
         import deepspeed
         import torch
 
+        _exit_with_parent(int(self.job["parent_pid"]))
+
         if self.accelerator == "cuda":
             torch.cuda.set_device(self.local_rank)
+        else:
+            torch.set_flush_denormal(True)  # tiny gradients late in training otherwise halve CPU speed
         deepspeed.init_distributed(dist_backend="nccl" if self.accelerator == "cuda" else "gloo")
         from transformers import AutoTokenizer
 
@@ -317,11 +339,6 @@ class Worker:
         from pipeline.launch import deepspeed_config
 
         s = self.settings
-        model = self._model()
-        if s["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        groups = _param_groups(model, s["weight_decay"])
         native = self.accelerator == "cuda"  # DeepSpeed's fused/CPU Adam; on CPU its op would compile first
         optimizer_cfg = {"type": "AdamW", "params": {"lr": s["lr"], "betas": list(s["adam_betas"]), "eps": 1e-8,
                                                      "weight_decay": s["weight_decay"]}} if native else None
@@ -330,11 +347,15 @@ class Worker:
             precision=s["precision"], zero_stage=s["zero_stage"], offload_optimizer=s["offload_optimizer"],
             offload_params=s["offload_params"], optimizer=optimizer_cfg,
         )
+        model = self._model(config)
+        if s["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        groups = _param_groups(model, s["weight_decay"])
         optimizer = None if native else torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(s["adam_betas"]), eps=1e-8)
-        schedule = lr_schedule(s["lr"], s["warmup_steps"], self.total, s["min_lr_ratio"])
 
         def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step) / s["lr"])
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.schedule(step) / s["lr"])
 
         engine, _, _, lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if native else None,
@@ -342,17 +363,24 @@ class Worker:
         )
         return engine, lr_scheduler
 
-    def _model(self):
-        import torch
-
+    def _model(self, ds_config: dict[str, Any]):
+        """The model in the training precision (DeepSpeed keeps fp32 master weights for bf16/fp16)."""
         from eval.models import load_causal_lm
         from pipeline.config import ModelConfig
 
-        model_cfg = ModelConfig(**self.job["model"])
+        dtype = PRECISION_DTYPES[self.settings["precision"]]
+        model_cfg = ModelConfig(**self.job["model"]).model_copy(update={"dtype": dtype})
+        zero3_load = None
+        if model_cfg.path is not None and self.settings["zero_stage"] == 3:
+            # Under ZeRO-3 transformers loads the folder straight into partitions (deepspeed.zero.Init): no rank
+            # holds the whole model. transformers keeps only a weak reference: the setting ends when this
+            # function returns, so later models (the consolidated one on rank 0) are built normally.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            zero3_load = HfDeepSpeedConfig(ds_config)
         # Same seed on every rank: a model built from config starts identical everywhere.
         model = load_causal_lm(model_cfg, seed=self.job["seed"])
-        if self.settings["precision"] == "fp32":
-            model = model.to(torch.float32)
+        del zero3_load
         return model
 
     # ----------------------------------------------------------------------------------------- training
@@ -361,16 +389,15 @@ class Worker:
         import torch
 
         start, state = self._resume()
+        clock = Clock(state.get("train_seconds", 0.0), state.get("wall_seconds", 0.0))
         if start == 0:
             self._evaluate(0)
-        clock, train_seconds = time.monotonic(), state.get("train_seconds", 0.0)
         bar = _progress(self.rank, start, self.total)
         for step in range(start, self.total):
-            self._check_parent()
             began = time.monotonic()
             loss = self._train_step(step)
-            train_seconds += time.monotonic() - began
-            record = self._step_record(step, loss, train_seconds)
+            clock.train_seconds += time.monotonic() - began
+            record = self._step_record(step, loss, clock.train_seconds)
             if self.rank == 0:
                 _append_jsonl(self.metrics, record)
                 self._board_scalars(record)
@@ -380,10 +407,9 @@ class Worker:
             if done % self.settings["eval_every"] == 0 or done == self.total:
                 self._evaluate(done)
             if done % self.settings["save_every"] == 0 or done == self.total:
-                self._save_checkpoint(done, train_seconds)
+                self._save_checkpoint(done, clock)
         bar.close()
-        wall = state.get("wall_seconds", 0.0) + time.monotonic() - clock
-        self._finish(train_seconds, wall)
+        self._finish(clock.train_seconds, clock.wall_seconds())
         if self.board is not None:
             self.board.close()
         torch.distributed.barrier()
@@ -420,23 +446,26 @@ class Worker:
         return {
             "step": done,
             "loss": loss,
-            "lr": lr_schedule(self.settings["lr"], self.settings["warmup_steps"], self.total,
-                              self.settings["min_lr_ratio"])(step),
+            "lr": self.schedule(step),
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": tokens,
             "tokens_per_s": tokens / train_seconds if train_seconds > 0 else 0.0,
             "en_share": self.mixture.realized_ratio(blocks),
         }
 
-    def _board_scalars(self, record: dict[str, Any]) -> None:
+    def _writer(self):
         if self.board is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.board = SummaryWriter(str(self.out / "tensorboard"))
+        return self.board
+
+    def _board_scalars(self, record: dict[str, Any]) -> None:
+        board = self._writer()
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "en_share"):
             if record.get(key) is not None:
-                self.board.add_scalar(f"train/{key}", record[key], record["step"])
-        self.board.flush()
+                board.add_scalar(f"train/{key}", record[key], record["step"])
+        board.flush()
 
     # ----------------------------------------------------------------------------------------- evaluation
 
@@ -462,23 +491,19 @@ class Worker:
             results[lang] = LossResult(int(tokens), int(n_bytes), nats).to_dict()
         if self.rank == 0:
             _append_jsonl(self.forgetting, {"step": step, "tokens": step * self.group_blocks * seq_len, **results})
-            if self.board is not None or step > 0:
-                self._board_eval(step, results)
+            self._board_eval(step, results)
         return results
 
     def _board_eval(self, step: int, results: dict[str, Any]) -> None:
-        if self.board is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(self.out / "tensorboard"))
+        board = self._writer()
         for lang, values in results.items():
-            self.board.add_scalar(f"eval/{lang}_loss", values["loss"], step)
-            self.board.add_scalar(f"eval/{lang}_bits_per_byte", values["bits_per_byte"], step)
-        self.board.flush()
+            board.add_scalar(f"eval/{lang}_loss", values["loss"], step)
+            board.add_scalar(f"eval/{lang}_bits_per_byte", values["bits_per_byte"], step)
+        board.flush()
 
     # ----------------------------------------------------------------------------------------- checkpoints
 
-    def _save_checkpoint(self, step: int, train_seconds: float) -> None:
+    def _save_checkpoint(self, step: int, clock: Clock) -> None:
         import torch
 
         root = self.out / CHECKPOINTS
@@ -487,8 +512,8 @@ class Worker:
         torch.save(_rng_state(), root / tag / f"rng-rank{self.rank}.pt")
         torch.distributed.barrier()
         if self.rank == 0:
-            state = {"step": step, "next_block": step * self.group_blocks, "train_seconds": train_seconds,
-                     "world_size": self.world}
+            state = {"step": step, "next_block": step * self.group_blocks, "train_seconds": clock.train_seconds,
+                     "wall_seconds": clock.wall_seconds(), "world_size": self.world}
             _write_json(root / tag / COMPLETE, state)
             for old in _complete_checkpoints(root)[: -self.settings["keep_checkpoints"]]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -522,16 +547,6 @@ class Worker:
                 _truncate_after(path, state["step"])
         torch.distributed.barrier()
         return int(state["step"]), state
-
-    def _check_parent(self) -> None:
-        """Workers stop when the jpadapt process that launched them is gone (killed), instead of training on
-        as orphans that hold the GPUs and keep writing into the stage directory."""
-        try:
-            os.kill(int(self.job["parent_pid"]), 0)
-        except ProcessLookupError:
-            os._exit(3)
-        except PermissionError:
-            pass
 
     # ----------------------------------------------------------------------------------------- the end
 
@@ -726,6 +741,23 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
+def _exit_with_parent(pid: int, interval: float = 2.0) -> None:
+    """Workers exit when the jpadapt process that launched them is gone (killed), instead of living on as
+    orphans that hold the GPUs, wait forever in a collective, or keep writing into the stage directory."""
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(3)
+            except PermissionError:  # alive, owned by someone else
+                pass
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def _progress(rank: int, start: int, total: int):
     from tqdm import tqdm
 
@@ -747,6 +779,7 @@ def _quiet_libraries() -> None:
 
 def _worker_main(job_file: str) -> int:
     job = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    out = Path(job["out_dir"])
     try:
         _quiet_libraries()
         worker = Worker(job)
@@ -754,8 +787,13 @@ def _worker_main(job_file: str) -> int:
         worker.train()
     except JpadaptError as exc:
         # The stage process turns this file into its one-line error.
-        (Path(job["out_dir"]) / ERROR_FILE).write_text(str(exc) + "\n", encoding="utf-8")
+        (out / ERROR_FILE).write_text(str(exc) + "\n", encoding="utf-8")
         return 2
+    except Exception:
+        # Into the stage's log.txt too, where the stage's crash message points.
+        with (out / "log.txt").open("a", encoding="utf-8") as log:
+            log.write(f"worker rank {os.environ.get('RANK', '0')} crashed:\n{traceback.format_exc()}")
+        raise
     return 0
 
 
@@ -770,7 +808,7 @@ SPEC = StageSpec(
             "cpt.weight_decay", "cpt.adam_betas", "cpt.grad_clip", "cpt.precision", "cpt.gradient_checkpointing",
             "cpt.zero_stage", "cpt.offload_optimizer", "cpt.offload_params", "cpt.num_gpus", "cpt.num_nodes",
             "cpt.accelerator", "cpt.eval_every", "cpt.eval_chars", "cpt.save_every"),
-    outputs=("model/config.json", "model/model.safetensors", "metrics.jsonl", "forgetting.jsonl", "summary.json",
+    outputs=("model/config.json", "metrics.jsonl", "forgetting.jsonl", "summary.json",
              "report.md", "forgetting.png"),
     code=("stages.cpt", "data.mixture", "data.prepare", "pipeline.launch", "eval.models", "eval.perplexity",
           "eval.forgetting", "tokenizer.hf"),

