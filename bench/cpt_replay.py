@@ -23,9 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
+import yaml
 
-from tests.helpers.gemma import gemma_folder  # noqa: E402
+from pipeline.launch import free_port
+from tests.helpers.gemma import gemma_folder
 
 
 def pipeline_yaml(out: Path, name: str, ratio: float, args: argparse.Namespace, model: Path, gpu: bool) -> Path:
@@ -40,7 +41,7 @@ def pipeline_yaml(out: Path, name: str, ratio: float, args: argparse.Namespace, 
             "max_steps": args.steps, "lr": args.lr, "warmup_steps": max(1, args.steps // 10), "min_lr_ratio": 0.1,
             "precision": "bf16" if gpu else "fp32", "gradient_checkpointing": gpu, "zero_stage": 2 if gpu else 0,
             "num_gpus": 1, "accelerator": "cuda" if gpu else "cpu", "eval_every": args.steps,
-            "eval_chars": args.eval_chars, "save_every": args.steps, "keep_checkpoints": 1,
+            "eval_chars": args.eval_chars, "save_every": args.steps, "keep_checkpoints": 1, "master_port": free_port(),
         },
     }
     path = out / f"{name}.yaml"
@@ -65,14 +66,14 @@ def table(rows: dict[float, dict], args: argparse.Namespace, device: str, second
     lines = [
         "# CPT with and without English replay: Gemma 3 270M",
         "",
-        f"Machine: {device}. Command: `python bench/cpt_replay.py --steps {args.steps} --seq-len {args.seq_len} "
-        f"--micro-batch {args.micro_batch} --lr {args.lr:g} --ratios {' '.join(f'{r:g}' for r in args.ratios)}`.",
-        f"Each run: {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens, lr {args.lr:g} (warmup "
+        (f"Machine: {device}. Command: `python bench/cpt_replay.py --steps {args.steps} --seq-len {args.seq_len} "
+        f"--micro-batch {args.micro_batch} --lr {args.lr:g} --ratios {' '.join(f'{r:g}' for r in args.ratios)}`."),
+        (f"Each run: {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens, lr {args.lr:g} (warmup "
         f"{max(1, args.steps // 10)}, cosine to 10%), AdamW; held-out: the first {args.eval_chars:,} characters of "
-        "the bundled Japanese and English held-out sets.",
+        "the bundled Japanese and English held-out sets."),
         "",
-        "| replay_ratio | realized EN share | JA bpb before | JA bpb after | JA change | EN bpb before | EN bpb after "
-        "| EN change | tokens/s | wall |",
+        ("| replay_ratio | realized EN share | JA bpb before | JA bpb after | JA change | EN bpb before | EN bpb after "
+        "| EN change | tokens/s | wall |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for ratio, row in rows.items():

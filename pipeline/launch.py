@@ -10,12 +10,14 @@ rank needs. More processes go through DeepSpeed's own launcher (`python -m deeps
 argument list is built without a shell. On CPU, `--num_gpus` must be given even on one node (DeepSpeed's CPU
 "device count" is the number of NUMA nodes) and `DS_ACCELERATOR=cpu` selects gloo.
 
-Also the DeepSpeed config dict that the training workers pass to `deepspeed.initialize`.
+Also what the training workers of cpt and sft share: the DeepSpeed config dict they pass to
+`deepspeed.initialize`, and the learning-rate schedule.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -179,3 +181,17 @@ def deepspeed_config(
     elif offload_optimizer:
         config["zero_force_ds_cpu_optimizer"] = False  # a torch AdamW stepping on the CPU copy is allowed
     return config
+
+
+def lr_schedule(lr: float, warmup: int, total: int, min_ratio: float):
+    """Linear re-warming from 0 to `lr` over `warmup` steps, then cosine decay to `lr * min_ratio` at `total`.
+    `schedule(step)` is the learning rate of optimizer step `step` (0-based)."""
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return schedule

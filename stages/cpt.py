@@ -38,6 +38,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import JpadaptError
+from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, run_job
 from pipeline.stage import StageContext, StageSpec
 
 LANGS = ("ja", "en")
@@ -57,15 +58,13 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     accelerator = _accelerator(settings.accelerator, settings.num_gpus, settings.precision)
     _check_seq_len(cfg)
     _check_plan(cfg, ctx)
-    from pipeline.launch import check_launch
-
     check_launch(settings, "cpt")
     prepared = ctx.artifact("prepare")
     extended = ctx.prerequisites.get("extend-vocab")
     tokenizer, tokenizer_dir = _tokenizer(cfg, extended, ctx.out_dir)
     _check_vocab(cfg, tokenizer, extended)
     tokens = _token_files(cfg, prepared, tokenizer, tokenizer_dir, ctx)
-    steps = total_steps(cfg)
+    steps = _total_steps(cfg)
     _warn_repeats(cfg, tokens, steps, ctx)
     job = _job(cfg, ctx, prepared, extended, tokenizer_dir, tokens, steps, accelerator)
     job_file = ctx.out_dir / "job.json"
@@ -85,7 +84,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def total_steps(cfg: PipelineConfig) -> int:
+def _total_steps(cfg: PipelineConfig) -> int:
     settings = cfg.cpt
     if settings.max_steps is not None:
         return settings.max_steps
@@ -239,8 +238,6 @@ def _job(cfg: PipelineConfig, ctx: StageContext, prepared: Path, extended: Path 
 
 
 def _launch(cfg: PipelineConfig, ctx: StageContext, job_file: Path, accelerator: str) -> None:
-    from pipeline.launch import launch_command, run_job
-
     (ctx.out_dir / ERROR_FILE).unlink(missing_ok=True)
     job = launch_command("stages.cpt", [str(job_file)], cfg.cpt, accelerator)
     returncode = run_job(job, ctx.log)
@@ -257,7 +254,7 @@ def _launch(cfg: PipelineConfig, ctx: StageContext, job_file: Path, accelerator:
 
 
 @dataclass
-class Clock:
+class _Clock:
     """Seconds spent in training steps, and wall seconds, carried across resumes in the checkpoints."""
 
     train_seconds: float
@@ -269,7 +266,7 @@ class Clock:
 
 
 
-class Worker:
+class _Worker:
     """One rank of the training job: engine, data, evaluation, checkpoints, metrics."""
 
     def __init__(self, job: dict[str, Any]):
@@ -336,8 +333,6 @@ class Worker:
         import deepspeed
         import torch
 
-        from pipeline.launch import deepspeed_config
-
         s = self.settings
         native = self.accelerator == "cuda"  # DeepSpeed's fused/CPU Adam; on CPU its op would compile first
         optimizer_cfg = {"type": "AdamW", "params": {"lr": s["lr"], "betas": list(s["adam_betas"]), "eps": 1e-8,
@@ -389,7 +384,7 @@ class Worker:
         import torch
 
         start, state = self._resume()
-        clock = Clock(state.get("train_seconds", 0.0), state.get("wall_seconds", 0.0))
+        clock = _Clock(state.get("train_seconds", 0.0), state.get("wall_seconds", 0.0))
         if start == 0:
             self._evaluate(0)
         bar = _progress(self.rank, start, self.total)
@@ -503,7 +498,7 @@ class Worker:
 
     # ----------------------------------------------------------------------------------------- checkpoints
 
-    def _save_checkpoint(self, step: int, clock: Clock) -> None:
+    def _save_checkpoint(self, step: int, clock: _Clock) -> None:
         import torch
 
         root = self.out / CHECKPOINTS
@@ -652,20 +647,6 @@ class Worker:
 # ---------------------------------------------------------------------------------------------- worker helpers
 
 
-def lr_schedule(lr: float, warmup: int, total: int, min_ratio: float):
-    """Linear re-warming from 0 to `lr` over `warmup` steps, then cosine decay to `lr * min_ratio` at `total`.
-    `schedule(step)` is the learning rate of optimizer step `step` (0-based)."""
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        span = max(1, total - warmup)
-        progress = min(1.0, (step - warmup) / span)
-        return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    return schedule
-
-
 def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices (and embeddings), none on norms and biases (1-D)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -782,7 +763,7 @@ def _worker_main(job_file: str) -> int:
     out = Path(job["out_dir"])
     try:
         _quiet_libraries()
-        worker = Worker(job)
+        worker = _Worker(job)
         worker.setup()
         worker.train()
     except JpadaptError as exc:

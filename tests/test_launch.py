@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from pipeline.errors import JpadaptError
-from pipeline.launch import check_launch, deepspeed_config, launch_command, port_free
-from stages.cpt import lr_schedule
+from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, port_free
 
 
 @dataclass
