@@ -18,7 +18,7 @@ from matplotlib import style
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tokenizer.report import Bullets, Heading, Paragraph, Plot, Table, render_html, render_markdown
+from tokenizer.report import Bullets, Heading, Paragraph, Plot, Table, fmt_flops, render_html, render_markdown
 
 LANG_NAMES = {"ja": "Japanese", "en": "English"}
 LANG_COLORS = {"ja": "#c0392b", "en": "#3b5b92"}
@@ -106,6 +106,33 @@ def speed_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def vocab_saving(tokens_by_language: dict[str, int], efficiency: dict[str, dict[str, Any]],
+                 params: int | None) -> dict[str, Any]:
+    """What the extended vocabulary saved this run: the text it trained on, spelled with the base tokenizer,
+    would have taken more tokens (per language, by the held-out ratio of base to extended tokens)."""
+    trained = sum(tokens_by_language.values())
+    base = 0.0
+    for lang, tokens in tokens_by_language.items():
+        row = efficiency.get(f"{lang}_heldout")
+        base += tokens * (row["base_tokens"] / row["extended_tokens"] if row else 1.0)
+    saving: dict[str, Any] = {"tokens_trained": trained, "base_tokens_for_same_text": round(base),
+                              "token_saving_share": 1 - trained / base if base else 0.0}
+    if params is not None:
+        saving["model_params"] = params
+        saving["flops_saved"] = 6 * params * (base - trained)
+    return saving
+
+
+def saving_lines(saving: dict[str, Any]) -> list[str]:
+    lines = [(f"the {saving['tokens_trained']:,} tokens trained spell text that the base tokenizer would need "
+             f"{saving['base_tokens_for_same_text']:,} tokens for ({100 * saving['token_saving_share']:.1f}% fewer "
+             "tokens for the same text)")]
+    if "flops_saved" in saving:
+        lines.append(f"at 6 x N x D with N = {saving['model_params']:,} parameters: "
+                     f"{fmt_flops(saving['flops_saved'])} FLOPs saved")
+    return lines
+
+
 def build_blocks(summary: dict[str, Any], evals: list[dict[str, Any]], steps: list[dict[str, Any]], plot: Plot) -> list:
     blocks: list = [Heading("Continued pretraining", 1), Bullets(setup_lines(summary))]
     blocks += [Heading("Forgetting curve", 2), plot]
@@ -117,6 +144,8 @@ def build_blocks(summary: dict[str, Any], evals: list[dict[str, Any]], steps: li
                   "comparable between models with different vocabularies. Loss is per token (nats)."),
         eval_table(evals),
     ]
+    if summary.get("vocab_saving"):
+        blocks += [Heading("Vocabulary extension", 2), Bullets(saving_lines(summary["vocab_saving"]))]
     if steps:
         blocks += [Heading("Training", 2),
                    Bullets([(f"loss {steps[0]['loss']:.4f} at step {steps[0]['step']} -> {steps[-1]['loss']:.4f} "

@@ -74,6 +74,9 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     from eval.forgetting import write_report
 
     summary = json.loads((ctx.out_dir / "summary.json").read_text(encoding="utf-8"))
+    if extended is not None:
+        summary["vocab_saving"] = _vocab_saving(cfg, summary, extended)
+        _write_json(ctx.out_dir / "summary.json", summary)
     write_report(ctx.out_dir)
     final = summary["final_eval"]
     return {
@@ -235,6 +238,18 @@ def _job(cfg: PipelineConfig, ctx: StageContext, prepared: Path, extended: Path 
         "heldout": {lang: files for lang, files in heldout.items() if files},
         "cpt": cfg.cpt.model_dump(mode="json"),
     }
+
+
+def _vocab_saving(cfg: PipelineConfig, summary: dict[str, Any], extended: Path) -> dict[str, Any]:
+    from eval.forgetting import vocab_saving
+    from pipeline.planner.plan import model_shape
+
+    efficiency = json.loads((extended / "summary.json").read_text(encoding="utf-8"))["efficiency"]
+    try:
+        params = model_shape(cfg).total_params
+    except JpadaptError:
+        params = None  # an architecture the planner does not know: tokens only
+    return vocab_saving(summary["tokens_by_language"], efficiency, params)
 
 
 def _launch(cfg: PipelineConfig, ctx: StageContext, job_file: Path, accelerator: str) -> None:

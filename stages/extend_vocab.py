@@ -12,7 +12,7 @@ Outputs, in `runs/<name>/stages/extend-vocab/`:
     model/              HF model folder (safetensors) with the tokenizer and new_tokens.json, when a model is set
     comparison/         the tokenizer report of base vs extended on the held-out text (metrics.json, report.*)
     summary.json        every figure report.md prints
-    report.md           what was added, before/after efficiency, invariants, expected CPT saving
+    report.md           what was added, before/after efficiency, invariants, tokens saved on the same text
 """
 
 from __future__ import annotations
@@ -220,36 +220,6 @@ def invariants(base, extended, prepared: Path, sp_file: Path | None, comparison:
     return result
 
 
-def compute_saving(cfg: PipelineConfig, comparison: dict[str, Any]) -> dict[str, Any] | None:
-    """Tokens (and 6·N·D FLOPs) the configured CPT budget saves: the same text in fewer tokens."""
-    if not cfg.enabled("cpt"):
-        return None
-    from pipeline.planner.plan import model_shape, stage_setups
-
-    _, budget, _ = stage_setups(cfg)["cpt"]
-    per = comparison["tokenizers"]
-    ratio = {}
-    for lang in ("ja", "en"):
-        stem = f"{lang}_heldout"
-        if stem in per["base"]:
-            ratio[lang] = per["extended"][stem]["tokens"] / per["base"][stem]["tokens"]
-    replay = cfg.cpt.replay_ratio
-    factor = (1 - replay) * ratio.get("ja", 1.0) + replay * ratio.get("en", 1.0)
-    saving: dict[str, Any] = {
-        "cpt_tokens": budget,
-        "replay_ratio": replay,
-        "tokens_for_same_text": round(budget * factor),
-        "token_saving_share": 1 - factor,
-    }
-    try:
-        params = model_shape(cfg).total_params
-    except JpadaptError:
-        return saving  # no architecture known: tokens only
-    saving["model_params"] = params
-    saving["flops_saved"] = 6 * params * budget * (1 - factor)
-    return saving
-
-
 def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     from tokenizer.compare import Corpus, compare, write_outputs
     from tokenizer.load import load_tokenizer
@@ -312,7 +282,6 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         "training_chars": sum(map(len, texts)),
         "efficiency": _efficiency(comparison),
         "invariants": checks,
-        "cpt_saving": compute_saving(cfg, comparison),
         "model": model_info,
     }
     _write_json(ctx.out_dir / "summary.json", summary)
@@ -389,9 +358,8 @@ SPEC = StageSpec(
     run=run,
     description="add Japanese tokens to the base tokenizer through real merges; resize and initialize embeddings",
     requires=("prepare",),
-    params=("extend_vocab", "model", "tokenizer_report.compute_params", "tokenizer_report.context_length",
-            "cpt.train_tokens", "cpt.max_steps", "cpt.micro_batch_size", "cpt.grad_accum", "cpt.seq_len",
-            "cpt.num_gpus", "cpt.num_nodes", "cpt.replay_ratio", "cpt.enabled"),
+    # Not cpt's settings: the compute this saves is reported by cpt, so changing them never reruns this stage.
+    params=("extend_vocab", "model", "tokenizer_report.compute_params", "tokenizer_report.context_length"),
     inputs=_inputs,
     outputs=("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "new_tokens.json", "summary.json",
              "report.md", "comparison/metrics.json"),

@@ -71,11 +71,29 @@ def test_token_counts_match_the_libraries(demo: Path) -> None:
     ids = np.concatenate([e.ids for e in extended.encode_batch(train, add_special_tokens=False)])
     histogram = np.bincount(ids, minlength=48000)
     assert [r["count"] for r in records] == [int(histogram[r["id"]]) for r in records]
-    saving = summary["cpt_saving"]
-    ja, en = summary["efficiency"]["ja_heldout"], summary["efficiency"]["en_heldout"]
-    factor = 0.9 * ja["extended_tokens"] / ja["base_tokens"] + 0.1 * en["extended_tokens"] / en["base_tokens"]
-    assert saving["cpt_tokens"] == 60 * 8 * 128
-    assert saving["tokens_for_same_text"] == round(60 * 8 * 128 * factor)
+
+
+def test_cpt_trains_the_extended_model_and_reports_what_the_vocabulary_saved(demo: Path) -> None:
+    """cpt starts from model/ (48,000 rows) with the extended tokenizer; changing cpt's settings never reruns
+    extend-vocab; the tokens saved are the trained tokens respelled with the base tokenizer."""
+    from pipeline.launch import free_port
+
+    result = jpadapt("cpt", "cpt.max_steps=2", "cpt.eval_every=2", "cpt.save_every=2", "cpt.eval_chars=2000",
+                     f"cpt.master_port={free_port()}", cwd=demo)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "extend-vocab: up to date" in result.stdout
+    cpt = demo / "runs/demo/stages/cpt"
+    assert read_json(cpt / "model" / "config.json")["vocab_size"] == 48000
+    assert (cpt / "model" / "new_tokens.json").read_bytes() == (demo / STAGE / "new_tokens.json").read_bytes()
+    summary, efficiency = read_json(cpt / "summary.json"), read_json(demo / STAGE / "summary.json")["efficiency"]
+    by_lang = summary["tokens_by_language"]
+    assert by_lang["ja"] + by_lang["en"] == 2 * 8 * 128 and by_lang["en"] in (128, 256)  # 16 blocks, replay 0.1
+    base = sum(by_lang[lang] * efficiency[f"{lang}_heldout"]["base_tokens"] / efficiency[f"{lang}_heldout"]["extended_tokens"]
+               for lang in ("ja", "en"))
+    saving = summary["vocab_saving"]
+    assert saving["base_tokens_for_same_text"] == round(base)
+    assert saving["flops_saved"] == pytest.approx(6 * saving["model_params"] * (base - 2 * 8 * 128))
+    assert f"{saving['base_tokens_for_same_text']:,} tokens" in (cpt / "report.md").read_text(encoding="utf-8")
 
 
 def test_model_folder_keeps_base_rows_and_means_new_ones(demo: Path) -> None:
@@ -130,7 +148,6 @@ def test_byte_level_base_grows_qwen_rows(tmp_path: Path) -> None:
     stage = tmp_path / STAGE
     records = read_json(stage / "new_tokens.json")["tokens"]
     assert [r["id"] for r in records] == list(range(151669, 151669 + 1500))
-    assert read_json(stage / "summary.json")["cpt_saving"] is None
     config = read_json(stage / "model" / "config.json")
     assert config["vocab_size"] == math.ceil((151669 + 1500) / 64) * 64
     from safetensors.torch import load_file

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenizer.report import Bullets, Heading, Paragraph, Table, fmt_flops, render_markdown
+from tokenizer.report import Bullets, Heading, Paragraph, Table, render_markdown
 
 CORPUS_TITLES = {"ja_heldout": "Japanese held-out", "en_heldout": "English held-out"}
 
@@ -46,19 +46,13 @@ def _invariant_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _saving_lines(saving: dict[str, Any] | None) -> list[str]:
-    if saving is None:
-        return ["No cpt section: no token budget to apply the saving to."]
-    lines = [
-        (
-            f"The CPT budget of {saving['cpt_tokens']:,} tokens (replay ratio {saving['replay_ratio']}) covers text "
-            f"that the extended tokenizer spells in {saving['tokens_for_same_text']:,} tokens: "
-            f"{100 * saving['token_saving_share']:.1f}% fewer tokens for the same text."
-        )
-    ]
-    if "flops_saved" in saving:
-        lines.append(f"At 6 x N x D with N = {saving['model_params']:,} parameters: "
-                     f"{fmt_flops(saving['flops_saved'])} FLOPs saved.")
+def _saving_lines(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for stem, row in summary["efficiency"].items():
+        share = 1 - row["extended_tokens"] / row["base_tokens"]
+        lines.append(f"{CORPUS_TITLES.get(stem, stem)}: the same text in {100 * share:.1f}% fewer tokens, so a "
+                     "training run reads that much more text per token budget.")
+    lines.append("The cpt stage's report converts this into the tokens and 6·N·D FLOPs its run saved.")
     return lines
 
 
@@ -86,7 +80,7 @@ def render_report(summary: dict[str, Any], records: list[dict[str, Any]], exampl
         Heading("Invariants", 2),
         Bullets(["every base and special token keeps its id; new ids follow the base's last id", *_invariant_lines(summary)]),
         Heading("Expected compute saving", 2),
-        Paragraph(" ".join(_saving_lines(summary["cpt_saving"]))),
+        Bullets(_saving_lines(summary)),
     ]
     model = summary.get("model")
     if model is not None:
