@@ -182,6 +182,9 @@ def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_
     from data.prepare import prepared_shards, prepared_texts
     from pipeline.hashing import digest, sha256_file
 
+    # The shards' hashes are in prepare's manifest already: no second pass over gigabytes of text.
+    hashes = {rel: entry["sha256"] for rel, entry in json.loads((prepared / "manifest.json").read_text())["outputs"].items()}
+    tokenizer_key = {p.name: sha256_file(p) for p in sorted(tokenizer_dir.iterdir()) if p.is_file()}
     langs = ["ja"] + (["en"] if cfg.cpt.replay_ratio > 0 else [])
     prefixes = {}
     for lang in langs:
@@ -190,8 +193,8 @@ def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_
             what = "Japanese" if lang == "ja" else "English replay (cpt.replay_ratio > 0)"
             raise JpadaptError(f"cpt: the prepare stage wrote no {what} train shards in {prepared / lang}")
         key = digest({
-            "tokenizer": {p.name: sha256_file(p) for p in sorted(tokenizer_dir.iterdir()) if p.is_file()},
-            "shards": [sha256_file(p) for p in shards],
+            "tokenizer": tokenizer_key,
+            "shards": [hashes.get(f"{lang}/{p.name}") or sha256_file(p) for p in shards],
             "bos": tokenizer.bos_token_id,
             "eos": tokenizer.eos_token_id,
         })[:16]
@@ -199,7 +202,7 @@ def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_
         cached = load_token_file(prefix)
         if cached is None:
             prefix.parent.mkdir(parents=True, exist_ok=True)
-            count = sum(1 for _ in prepared_texts(shards))
+            count = sum(_line_count(shard) for shard in shards)  # one record per line
             cached = tokenize_corpus(prepared_texts(shards), tokenizer, prefix, bos_id=tokenizer.bos_token_id,
                                      eos_id=tokenizer.eos_token_id, total=count, desc=f"tokenize {lang}")
         else:
@@ -207,6 +210,11 @@ def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_
         ctx.log.info("%s: %s documents, %s tokens", lang, f"{cached.n_docs:,}", f"{cached.n_tokens:,}")
         prefixes[lang] = {"prefix": str(prefix), "n_tokens": cached.n_tokens, "n_docs": cached.n_docs}
     return prefixes
+
+
+def _line_count(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
 
 
 def _warn_repeats(cfg: PipelineConfig, tokens: dict, steps: int, ctx: StageContext) -> None:
