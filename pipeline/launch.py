@@ -154,8 +154,8 @@ def deepspeed_config(
     offload_params: bool = False,
     optimizer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `deepspeed.initialize` config. `optimizer`: let DeepSpeed build it (FusedAdam on GPU, CPUAdam when
-    offloading); None: the caller passes a torch optimizer (on CPU, where DeepSpeed's ops would first compile)."""
+    """The `deepspeed.initialize` config. `optimizer`: let DeepSpeed build it (its CPU Adam for offloaded
+    states); None: the caller passes a torch optimizer."""
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         # The consolidated HF folder at the end needs the full weights gathered onto rank 0.

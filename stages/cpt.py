@@ -357,7 +357,9 @@ class _Worker:
         import torch
 
         s = self.settings
-        native = self.accelerator == "cuda"  # DeepSpeed's fused/CPU Adam; on CPU its op would compile first
+        # Offloaded optimizer states on a GPU run: DeepSpeed's CPU Adam steps them far faster than torch's. Otherwise
+        # torch's AdamW (fused on GPU): no DeepSpeed op to compile, nothing that needs a CUDA toolkit.
+        native = self.accelerator == "cuda" and s["offload_optimizer"]
         optimizer_cfg = {"type": "AdamW", "params": {"lr": s["lr"], "betas": list(s["adam_betas"]), "eps": 1e-8,
                                                      "weight_decay": s["weight_decay"]}} if native else None
         config = deepspeed_config(
@@ -370,7 +372,8 @@ class _Worker:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         groups = _param_groups(model, s["weight_decay"])
-        optimizer = None if native else torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(s["adam_betas"]), eps=1e-8)
+        optimizer = None if native else torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(s["adam_betas"]), eps=1e-8,
+                                                          fused=self.accelerator == "cuda")
 
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.schedule(step) / s["lr"])
