@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, run_job
 from pipeline.stage import StageContext, StageSpec
@@ -62,7 +62,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     prepared = ctx.artifact("prepare")
     extended = ctx.prerequisites.get("extend-vocab")
     tokenizer, tokenizer_dir = _tokenizer(cfg, extended, ctx.out_dir)
-    _check_vocab(cfg, tokenizer, extended)
+    _check_vocab(_trained_model(cfg, extended), tokenizer)
     tokens = _token_files(cfg, prepared, tokenizer, tokenizer_dir, ctx)
     steps = _total_steps(cfg)
     _warn_repeats(cfg, tokens, steps, ctx)
@@ -154,20 +154,16 @@ def _tokenizer(cfg: PipelineConfig, extended: Path | None, out_dir: Path) -> tup
     return tokenizer, folder
 
 
-def _model_source(cfg: PipelineConfig, extended: Path | None) -> dict[str, Any]:
+def _trained_model(cfg: PipelineConfig, extended: Path | None) -> ModelConfig:
     """The `model` section the workers load: the extend-vocab output replaces the configured model."""
-    values = cfg.model.model_dump(mode="json")
     if extended is not None and (extended / "model").is_dir():
-        values.update(path=str(extended / "model"), from_config=None)
-    return values
+        return cfg.model.model_copy(update={"path": str(extended / "model"), "from_config": None})
+    return cfg.model
 
 
-def _check_vocab(cfg: PipelineConfig, tokenizer: Any, extended: Path | None) -> None:
+def _check_vocab(model_cfg: ModelConfig, tokenizer: Any) -> None:
     from eval.models import model_vocab_size
 
-    model_cfg = cfg.model
-    if extended is not None and (extended / "model").is_dir():
-        model_cfg = cfg.model.model_copy(update={"path": str(extended / "model"), "from_config": None})
     rows = model_vocab_size(model_cfg)
     if len(tokenizer) > rows:
         raise JpadaptError(
@@ -239,7 +235,7 @@ def _job(cfg: PipelineConfig, ctx: StageContext, prepared: Path, extended: Path 
         "parent_pid": os.getpid(),
         "accelerator": accelerator,
         "total_steps": steps,
-        "model": _model_source(cfg, extended),
+        "model": _trained_model(cfg, extended).model_dump(mode="json"),
         "extended_from": str(extended) if extended is not None else None,
         "tokenizer_dir": str(tokenizer_dir),
         "tokens": tokens,
@@ -387,7 +383,6 @@ class _Worker:
     def _model(self, ds_config: dict[str, Any]):
         """The model in the training precision (DeepSpeed keeps fp32 master weights for bf16/fp16)."""
         from eval.models import load_causal_lm
-        from pipeline.config import ModelConfig
 
         dtype = PRECISION_DTYPES[self.settings["precision"]]
         model_cfg = ModelConfig(**self.job["model"]).model_copy(update={"dtype": dtype})
