@@ -206,40 +206,101 @@ class CptConfig(StageSection):
         return self
 
 
+class PromptTemplateConfig(Section):
+    """The Japanese instruction format used when the tokenizer has no chat template of its own. It is turned
+    into a chat template and saved with the tokenizer, so inference renders prompts exactly as training did."""
+
+    system: str = Field(
+        "以下に、あるタスクを説明する指示があります。リクエストを適切に完了するための回答を記述してください。",
+        description="Preamble before the first instruction (a system message replaces it).",
+    )
+    instruction: str = Field("### 指示:", description="Marker before each instruction (user turn).")
+    input: str = Field("### 入力:", description="Marker before a record's optional `input` (context).")
+    response: str = Field("### 応答:", description="Marker after which the model answers; loss starts after it.")
+
+    @model_validator(mode="after")
+    def _markers(self) -> PromptTemplateConfig:
+        if not self.response.strip():
+            raise ValueError("the template has no response marker (template.response is empty): the model could "
+                             "not tell where its answer starts, and the loss mask would have nothing to anchor on")
+        if not self.instruction.strip():
+            raise ValueError("template.instruction is empty: every instruction needs a marker")
+        markers = {"instruction": self.instruction, "input": self.input, "response": self.response}
+        for name, marker in markers.items():
+            if name != "response" and marker.strip() and self.response.strip() in marker:
+                raise ValueError(f"template.{name} ({marker!r}) contains the response marker ({self.response!r})")
+        return self
+
+
 class SftConfig(StageSection):
     data: list[str] = Field(
         default_factory=lambda: ["bundled:instruct/ja_instruct_train.jsonl"],
         description="Instruction (instruction/input/output) or chat (messages) JSONL files.",
     )
-    heldout: list[str] = Field(default_factory=lambda: ["bundled:instruct/ja_instruct_heldout.jsonl"])
+    heldout: list[str] = Field(
+        default_factory=lambda: ["bundled:instruct/ja_instruct_heldout.jsonl"],
+        description="Held-out examples in the same formats: held-out loss and the report's generations.",
+    )
     base_model: str | None = Field(None, description="HF folder to tune; default: the cpt output, else model.path.")
-    template: str | None = Field(None, description="Prompt template when the tokenizer has no chat template.")
-    max_seq_len: int = Field(1024, ge=8)
-    packing: bool = True
+    prompt_format: Literal["auto", "chat_template", "template"] = Field(
+        "auto", description="auto: the tokenizer's chat template if it has one, else `template`."
+    )
+    template: PromptTemplateConfig = Field(default_factory=PromptTemplateConfig)
+    max_seq_len: int = Field(1024, ge=8, description="Longer examples are truncated (counted in the summary).")
+    packing: bool = Field(
+        True, description="Several examples per sequence (positions restart, no attention across examples); "
+        "false: one example per sequence, batches grouped by length."
+    )
     quantization: Literal["nf4", "none"] = Field("nf4", description="nf4 = QLoRA, none = plain LoRA.")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="Compute dtype (fp32 is for CPUs without bf16).")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names that get LoRA adapters (all-linear: every linear layer but lm_head)."
+    )
+    train_new_tokens: bool = Field(
+        True, description="When the vocabulary was extended, train the new tokens' embedding rows (only those)."
+    )
     lr: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0)
-    micro_batch_size: int = Field(4, ge=1)
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per GPU per forward pass.")
     grad_accum: int = Field(4, ge=1)
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
-    num_gpus: int = Field(1, ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    gradient_checkpointing: bool = True
+    num_gpus: int = Field(1, ge=1, description="Data-parallel processes (DeepSpeed ZeRO).")
+    num_nodes: int = Field(1, ge=1)
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile, needed when num_nodes > 1.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="2 shards the adapters' gradients and optimizer states.")
+    master_port: int = Field(29510, ge=1024, le=65535)
+    accelerator: Literal["auto", "cuda", "cpu"] = "auto"
+    eval_every: int = Field(50, ge=1, description="Steps between held-out loss evaluations.")
+    eval_examples: int | None = Field(200, gt=0, description="Held-out examples scored (null: all).")
+    generate: int = Field(5, ge=0, description="Held-out prompts answered greedily at the end, for the report.")
+    max_new_tokens: int = Field(128, ge=1)
     merge: bool = Field(False, description="Also save base + LoRA merged into a plain bf16 model folder.")
 
     _lists = field_validator("data", "heldout", mode="before")(_as_list)
 
     @model_validator(mode="after")
-    def _qlora_zero3(self) -> SftConfig:
+    def _consistent(self) -> SftConfig:
         if self.quantization == "nf4" and self.zero_stage == 3:
             raise ValueError(
                 "QLoRA (quantization nf4) cannot run under ZeRO-3: ZeRO-3 partitions parameters as float tensors "
                 "and cannot shard bitsandbytes 4-bit weights; use zero_stage 2 or quantization none"
             )
+        if self.zero_stage == 3:
+            raise ValueError("sft runs ZeRO 0-2: the adapters are small, so ZeRO-3's parameter sharding would only "
+                             "add gathers to every layer; use zero_stage 2")
+        if self.num_nodes > 1 and self.hostfile is None:
+            raise ValueError("num_nodes > 1 needs a hostfile listing the nodes")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is empty: name module names, or use all-linear")
         return self
 
 

@@ -29,20 +29,29 @@ import math
 import os
 import shutil
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eval.workers import (
+    ERROR_FILE,
+    append_jsonl,
+    check_job,
+    exit_with_parent,
+    grad_norm,
+    peak_memory,
+    pick_accelerator,
+    progress,
+    worker_main,
+    write_json,
+)
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, run_job
 from pipeline.stage import StageContext, StageSpec
 
 LANGS = ("ja", "en")
-ERROR_FILE = "worker-error.txt"
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 # Tolerance of the consolidated model's logits against the engine's, by training precision.
@@ -55,7 +64,7 @@ PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     settings = cfg.cpt
-    accelerator = _accelerator(settings.accelerator, settings.num_gpus, settings.precision)
+    accelerator = pick_accelerator("cpt", settings.accelerator, settings.num_gpus, settings.precision)
     _check_seq_len(cfg)
     _check_plan(cfg, ctx)
     check_launch(settings, "cpt")
@@ -76,7 +85,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     summary = json.loads((ctx.out_dir / "summary.json").read_text(encoding="utf-8"))
     if extended is not None:
         summary["vocab_saving"] = _vocab_saving(cfg, summary, extended)
-        _write_json(ctx.out_dir / "summary.json", summary)
+        write_json(ctx.out_dir / "summary.json", summary)
     write_report(ctx.out_dir)
     final = summary["final_eval"]
     return {
@@ -96,20 +105,6 @@ def _total_steps(cfg: PipelineConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- preflight
-
-
-def _accelerator(wanted: str, num_gpus: int, precision: str) -> str:
-    import torch
-
-    available = torch.cuda.is_available()
-    if wanted == "cuda" and not available:
-        raise JpadaptError("cpt.accelerator: cuda requested but torch sees no GPU (set cpt.accelerator: cpu)")
-    accelerator = "cuda" if wanted == "cuda" or (wanted == "auto" and available) else "cpu"
-    if accelerator == "cuda" and num_gpus > torch.cuda.device_count():
-        raise JpadaptError(f"cpt.num_gpus is {num_gpus} but this machine has {torch.cuda.device_count()} GPU(s)")
-    if accelerator == "cpu" and precision == "fp16":
-        raise JpadaptError("cpt.precision: fp16 needs a GPU; on the CPU use bf16 or fp32")
-    return accelerator
 
 
 def _check_seq_len(cfg: PipelineConfig) -> None:
@@ -259,14 +254,7 @@ def _vocab_saving(cfg: PipelineConfig, summary: dict[str, Any], extended: Path) 
 def _launch(cfg: PipelineConfig, ctx: StageContext, job_file: Path, accelerator: str) -> None:
     (ctx.out_dir / ERROR_FILE).unlink(missing_ok=True)
     job = launch_command("stages.cpt", [str(job_file)], cfg.cpt, accelerator)
-    returncode = run_job(job, ctx.log)
-    error = ctx.out_dir / ERROR_FILE
-    if error.is_file():
-        raise JpadaptError(error.read_text(encoding="utf-8").strip())
-    if returncode != 0:
-        raise RuntimeError(f"the training job exited with code {returncode} (its output is above)")
-    if not (ctx.out_dir / "summary.json").is_file():
-        raise RuntimeError("the training job exited without writing summary.json")
+    check_job(ctx.out_dir, run_job(job, ctx.log))
 
 
 # ============================================================================================ worker (every rank)
@@ -313,7 +301,7 @@ class _Worker:
         import deepspeed
         import torch
 
-        _exit_with_parent(int(self.job["parent_pid"]))
+        exit_with_parent(int(self.job["parent_pid"]))
 
         if self.accelerator == "cuda":
             torch.cuda.set_device(self.local_rank)
@@ -408,14 +396,14 @@ class _Worker:
         clock = _Clock(state.get("train_seconds", 0.0), state.get("wall_seconds", 0.0))
         if start == 0:
             self._evaluate(0)
-        bar = _progress(self.rank, start, self.total)
+        bar = progress(self.rank, start, self.total, "cpt")
         for step in range(start, self.total):
             began = time.monotonic()
             loss = self._train_step(step)
             clock.train_seconds += time.monotonic() - began
             record = self._step_record(step, loss, clock.train_seconds)
             if self.rank == 0:
-                _append_jsonl(self.metrics, record)
+                append_jsonl(self.metrics, record)
                 self._board_scalars(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
@@ -445,7 +433,7 @@ class _Worker:
             loss = self.engine(input_ids=batch, labels=batch).loss
             self.engine.backward(loss)
             if micro == s["grad_accum"] - 1 and s["zero_stage"] == 0:
-                self.grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 does not report it; grads are reduced
+                self.grad_norm = grad_norm(self.engine.module)  # ZeRO-0 does not report it; grads are reduced
             self.engine.step()
             losses.append(loss.detach().float())
         if self.grad_norm is None:
@@ -506,7 +494,7 @@ class _Worker:
             tokens, n_bytes, nats = totals.tolist()
             results[lang] = LossResult(int(tokens), int(n_bytes), nats).to_dict()
         if self.rank == 0:
-            _append_jsonl(self.forgetting, {"step": step, "tokens": step * self.group_blocks * seq_len, **results})
+            append_jsonl(self.forgetting, {"step": step, "tokens": step * self.group_blocks * seq_len, **results})
             self._board_eval(step, results)
         return results
 
@@ -530,7 +518,7 @@ class _Worker:
         if self.rank == 0:
             state = {"step": step, "next_block": step * self.group_blocks, "train_seconds": clock.train_seconds,
                      "wall_seconds": clock.wall_seconds(), "world_size": self.world}
-            _write_json(root / tag / COMPLETE, state)
+            write_json(root / tag / COMPLETE, state)
             for old in _complete_checkpoints(root)[: -self.settings["keep_checkpoints"]]:
                 shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
@@ -570,7 +558,7 @@ class _Worker:
         model_dir = self.out / "model"
         self._consolidate(model_dir)
         check = self._check_consolidated(model_dir)
-        peak = self._peak_memory()
+        peak = peak_memory(self.accelerator, self.device)
         if self.rank != 0:
             return
         s = self.settings
@@ -599,7 +587,7 @@ class _Worker:
             "consolidation_check": check,
             "extended_from": self.job["extended_from"],
         }
-        _write_json(self.out / "summary.json", summary)
+        write_json(self.out / "summary.json", summary)
 
     def _consolidate(self, model_dir: Path) -> None:
         """The trained weights as one HF folder. ZeRO-3 gathers the shards onto rank 0 first (a collective)."""
@@ -650,19 +638,6 @@ class _Worker:
                                f"(tolerance {tolerance})")
         return {"probe_tokens": int(probe.numel()), "max_abs_logit_diff": diff, "tolerance": tolerance}
 
-    def _peak_memory(self) -> dict[str, Any]:
-        """The largest peak over ranks: GPU memory allocated by torch, or the process's max RSS on the CPU."""
-        import resource
-
-        import torch
-
-        if self.accelerator == "cuda":
-            value, kind = torch.cuda.max_memory_allocated(self.device), "torch.cuda.max_memory_allocated"
-        else:
-            value, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
-        peak = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        return {"bytes": int(peak.item()), "kind": kind}
 
 
 # ---------------------------------------------------------------------------------------------- worker helpers
@@ -675,14 +650,6 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-
-
-def _grad_norm(model: Any) -> float:
-    """The L2 norm of all gradients, before clipping."""
-    import torch
-
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _save_state_dict(config: Any, state: dict[str, Any], folder: Path) -> None:
@@ -724,11 +691,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
 def _truncate_after(path: Path, step: int) -> None:
     """Drop records logged after `step` (by the run that died after its last checkpoint)."""
     if not path.is_file():
@@ -737,66 +699,8 @@ def _truncate_after(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _exit_with_parent(pid: int, interval: float = 2.0) -> None:
-    """Workers exit when the jpadapt process that launched them is gone (killed), instead of living on as
-    orphans that hold the GPUs, wait forever in a collective, or keep writing into the stage directory."""
-
-    def watch() -> None:
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(3)
-            except PermissionError:  # alive, owned by someone else
-                pass
-            time.sleep(interval)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
-def _progress(rank: int, start: int, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="cpt", unit="step", disable=rank != 0, dynamic_ncols=True)
-
-
 def _log(message: str) -> None:
     print(f"  [cpt] {message}", flush=True)
-
-
-def _quiet_libraries() -> None:
-    import logging
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-
-
-def _worker_main(job_file: str) -> int:
-    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
-    out = Path(job["out_dir"])
-    try:
-        _quiet_libraries()
-        worker = _Worker(job)
-        worker.setup()
-        worker.train()
-    except JpadaptError as exc:
-        # The stage process turns this file into its one-line error.
-        (out / ERROR_FILE).write_text(str(exc) + "\n", encoding="utf-8")
-        return 2
-    except Exception:
-        # Into the stage's log.txt too, where the stage's crash message points.
-        with (out / "log.txt").open("a", encoding="utf-8") as log:
-            log.write(f"worker rank {os.environ.get('RANK', '0')} crashed:\n{traceback.format_exc()}")
-        raise
-    return 0
 
 
 SPEC = StageSpec(
@@ -819,5 +723,11 @@ SPEC = StageSpec(
 )
 
 
+def _train(job: dict[str, Any]) -> None:
+    worker = _Worker(job)
+    worker.setup()
+    worker.train()
+
+
 if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[-1]))
+    sys.exit(worker_main(sys.argv[-1], _train))

@@ -78,10 +78,11 @@ def stage_setups(cfg: PipelineConfig) -> dict[str, tuple[Setup, int | None, int]
         s = cfg.sft
         targets = None if s.target_modules == "all-linear" else tuple(s.target_modules)
         setup = Setup(method="qlora" if s.quantization == "nf4" else "lora", micro_batch=s.micro_batch_size,
-                      seq_len=s.max_seq_len, gpus=s.num_gpus, zero_stage=s.zero_stage, optimizer=s.optimizer,
+                      seq_len=s.max_seq_len, gpus=s.num_gpus * s.num_nodes, zero_stage=s.zero_stage, optimizer=s.optimizer,
                       lora_rank=s.lora_r, lora_targets=targets, activation_checkpointing=True)
-        tokens = s.max_steps * s.micro_batch_size * s.grad_accum * s.num_gpus * s.max_seq_len if s.max_steps else None
-        setups["sft"] = (setup, tokens, 1)
+        tokens = (s.max_steps * s.micro_batch_size * s.grad_accum * s.num_gpus * s.num_nodes * s.max_seq_len
+                  if s.max_steps else None)
+        setups["sft"] = (setup, tokens, s.num_nodes)
     if cfg.enabled("evaluate"):
         setups["evaluate"] = (Setup(method="inference", micro_batch=1, seq_len=cfg.evaluate.window), None, 1)
     return setups
