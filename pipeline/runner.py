@@ -49,9 +49,9 @@ class StageStatus:
 
 
 def available_stages() -> list[StageSpec]:
-    from stages import STAGES
+    from stages import stage_specs
 
-    return list(STAGES)
+    return stage_specs()
 
 
 class Pipeline:

@@ -1,6 +1,13 @@
 """The pipeline's stages in pipeline order. Each module has a `SPEC` and one public `run(cfg, ctx)`;
-heavy libraries (torch, transformers) are imported inside `run`, so listing stages stays cheap."""
+heavy libraries (torch, transformers) are imported inside `run`, so listing stages stays cheap.
 
-from stages import cpt, extend_vocab, plan, prepare, sft, tokenizer_report
+The modules are imported on request, not with the package: training workers run as `python -m stages.cpt`,
+and a package that imported its own submodules would load that module twice (and runpy warns about it)."""
 
-STAGES = (prepare.SPEC, extend_vocab.SPEC, tokenizer_report.SPEC, plan.SPEC, cpt.SPEC, sft.SPEC)
+from importlib import import_module
+
+ORDER = ("prepare", "extend_vocab", "tokenizer_report", "plan", "cpt", "sft")
+
+
+def stage_specs() -> list:
+    return [import_module(f"stages.{name}").SPEC for name in ORDER]

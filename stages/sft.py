@@ -48,7 +48,7 @@ from eval.workers import (
     write_json,
 )
 from pipeline import __version__
-from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.config import ModelConfig, PipelineConfig, SftConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, run_job
 from pipeline.stage import StageContext, StageSpec
@@ -924,7 +924,8 @@ SPEC = StageSpec(
     run=run,
     description="QLoRA instruction tuning: 4-bit NF4 base, LoRA adapters, loss on answers only",
     uses=("cpt", "extend-vocab"),
-    params=("run.seed", "model", "sft"),
+    # Every sft key but the port shapes the outputs.
+    params=("run.seed", "model", *(f"sft.{key}" for key in SftConfig.model_fields if key != "master_port")),
     inputs=_inputs,
     outputs=("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/jpadapt.json",
              "metrics.jsonl", "summary.json", "report.md"),

@@ -55,7 +55,7 @@ def test_changing_sft_does_not_rerun_cpt() -> None:
     pipeline().execute(["sft"], force=set())
     CALLS.clear()
     changed = pipeline("sft.lr=1e-5")
-    assert states(changed)["sft"] == (STALE, ["sft.lr: 0.0002 -> 1e-05"])
+    assert states(changed)["sft"] == (STALE, ["sft.lr: 0.002 -> 1e-05"])
     assert states(changed)["cpt"][0] == UP_TO_DATE
     changed.execute(["sft"], force=set())
     assert CALLS == ["sft"]
