@@ -241,17 +241,19 @@ def baseline_main(job: dict[str, Any]) -> None:
                       callbacks=[timer])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    real, positions = collator.totals(job["steps"])
-    if real != tokens:
-        raise RuntimeError(f"the collated batches hold {real} real tokens, the Trainer counted {tokens}")
+    batches = collator.batches[: trainer.state.global_step]  # the loader may have collated one batch ahead
+    tokens = [batch["tokens"] for batch in batches]
+    if sum(tokens) != trainer.state.num_input_tokens_seen:
+        raise RuntimeError(f"the collated batches hold {sum(tokens)} real tokens, the Trainer counted "
+                           f"{trainer.state.num_input_tokens_seen}")
     if gpu:
         peak, kind = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
-    result = {"steps": trainer.state.global_step, "tokens": tokens, "response_tokens": collator.responses,
-              "train_seconds": timer.seconds, "tokens_per_s": tokens / timer.seconds, "peak_bytes": peak,
-              "peak_kind": kind, "final_loss": losses[-1], "padding_share": 1 - real / positions}
+    result = {"steps": trainer.state.global_step, **throughput(tokens, timer.durations),
+              "response_tokens": sum(batch["response_tokens"] for batch in batches), "peak_bytes": peak,
+              "peak_kind": kind, "final_loss": losses[-1],
+              "padding_share": 1 - sum(tokens) / sum(batch["positions"] for batch in batches)}
     Path(job["out"], "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
 
 
@@ -273,34 +275,31 @@ def baseline_model(folder: str, quantization: str, compute: Any, device: str) ->
 
 
 class CountingCollator:
-    """The Trainer's collator, recording each batch's real tokens and padded positions. Batches are collated in
-    the order they are trained on; the data loader may collate one more ahead, hence `totals(steps)`."""
+    """The Trainer's collator, recording each batch's real tokens, padded positions and predicted response
+    tokens (the stage's counts), in the order the batches are trained on."""
 
     def __init__(self, inner: Any):
         self.inner = inner
-        self.batches: list[tuple[int, int, int]] = []
+        self.batches: list[dict[str, int]] = []
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner(features)
         mask = batch["attention_mask"]
-        self.batches.append((int(mask.sum()), int(mask.numel()), int((batch["labels"][:, 1:] != -100).sum())))
+        self.batches.append({"tokens": int(mask.sum()), "positions": int(mask.numel()),
+                             "response_tokens": int((batch["labels"][:, 1:] != -100).sum())})
         return batch
-
-    def totals(self, steps: int) -> tuple[int, int]:
-        used = self.batches[:steps]
-        self.responses = sum(b[2] for b in used)
-        return sum(b[0] for b in used), sum(b[1] for b in used)
 
 
 def step_timer(gpu: bool) -> Any:
-    """A callback summing the optimizer steps' durations (forward, backward, clipping, optimizer step): the span
+    """A callback recording the optimizer steps' durations (forward, backward, clipping, optimizer step): the span
     the stage times. The Trainer fetches and pads the batch just before on_step_begin, so that (small) part is
     left out here, while the stage's step time includes its collation: if anything, this favours the baseline."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.seconds, self.began = 0.0, 0.0
+            self.durations: list[float] = []
+            self.began = 0.0
 
         def _now(self) -> float:
             if gpu:  # kernels still queued belong to the step
@@ -313,7 +312,7 @@ def step_timer(gpu: bool) -> Any:
             self.began = self._now()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.seconds += self._now() - self.began
+            self.durations.append(self._now() - self.began)
 
     return StepTimer()
 

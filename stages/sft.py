@@ -188,7 +188,7 @@ def _check_model(cfg: PipelineConfig, base: str, tokenizer: Any) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from eval.models import model_vocab_size
+    from eval.models import model_config_values, model_vocab_size
 
     settings = cfg.sft
     values = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
@@ -197,6 +197,10 @@ def _check_model(cfg: PipelineConfig, base: str, tokenizer: Any) -> list[str]:
         raise JpadaptError(f"sft.quantization nf4: {base} is already quantized ({method}); bitsandbytes quantizes "
                            "float weights only: point sft at the unquantized model, or set sft.quantization: none")
     model_cfg = ModelConfig(path=base, trust_remote_code=cfg.model.trust_remote_code)
+    positions = model_config_values(model_cfg).get("max_position_embeddings")
+    if isinstance(positions, int) and settings.max_seq_len > positions:
+        raise JpadaptError(f"sft.max_seq_len is {settings.max_seq_len} but the model allows at most {positions} "
+                           "positions (max_position_embeddings)")
     rows = model_vocab_size(model_cfg)
     if len(tokenizer) > rows:
         raise JpadaptError(f"sft: the tokenizer has {len(tokenizer):,} ids but {base} has {rows:,} embedding rows")
@@ -248,9 +252,10 @@ def _tokenize(cfg: PipelineConfig, tokenizer: Any, ctx: StageContext) -> dict[st
     if not examples:
         raise JpadaptError(f"sft.data: no example keeps an answer within max_seq_len {settings.max_seq_len} "
                            f"({stats.dropped} dropped); raise sft.max_seq_len")
-    if stats.truncated:
-        ctx.log.warning("sft.data: %d of %d examples are longer than max_seq_len %d and were truncated",
-                        stats.truncated, stats.examples, settings.max_seq_len)
+    if stats.truncated or stats.dropped:
+        ctx.log.warning("sft.data: %d of %d examples are longer than max_seq_len %d: %d truncated, %d dropped "
+                        "(nothing of their answer fits)", stats.truncated + stats.dropped, stats.examples,
+                        settings.max_seq_len, stats.truncated, stats.dropped)
     heldout = read_conversations(settings.heldout, "sft.heldout", marker) if settings.heldout else []
     scored = heldout[: settings.eval_examples] if settings.eval_examples else heldout
     held_examples, _ = tokenize_all(scored, tokenizer, settings.max_seq_len, desc="tokenize sft.heldout")

@@ -78,8 +78,10 @@ def stage_setups(cfg: PipelineConfig) -> dict[str, tuple[Setup, int | None, int]
         s = cfg.sft
         targets = None if s.target_modules == "all-linear" else tuple(s.target_modules)
         setup = Setup(method="qlora" if s.quantization == "nf4" else "lora", micro_batch=s.micro_batch_size,
-                      seq_len=s.max_seq_len, gpus=s.num_gpus * s.num_nodes, zero_stage=s.zero_stage, optimizer=s.optimizer,
-                      lora_rank=s.lora_r, lora_targets=targets, activation_checkpointing=True)
+                      seq_len=s.max_seq_len, gpus=s.num_gpus * s.num_nodes, zero_stage=s.zero_stage,
+                      precision=s.precision, optimizer=s.optimizer,
+                      lora_rank=s.lora_r, lora_targets=targets,
+                      activation_checkpointing=s.gradient_checkpointing)
         tokens = (s.max_steps * s.micro_batch_size * s.grad_accum * s.num_gpus * s.num_nodes * s.max_seq_len
                   if s.max_steps else None)
         setups["sft"] = (setup, tokens, s.num_nodes)
