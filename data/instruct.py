@@ -367,42 +367,54 @@ class Sequence:
 
 
 def epoch_sequences(
-    examples: list[Example], *, packing: bool, max_seq_len: int, seed: int, epoch: int, group_size: int
+    examples: list[Example], *, packing: bool, max_seq_len: int, seed: int, epoch: int, group_size: int,
+    batch_rows: int,
 ) -> list[Sequence]:
     """The rows of one epoch, a pure function of the arguments; every example appears in exactly one row.
 
-    The example order is a fresh seeded shuffle per epoch. packing: examples are appended to a row while it
-    stays within `max_seq_len` (an example is never split). Otherwise one example per row, and each run of
-    `group_size` rows is sorted longest first, so consecutive rows (a micro batch) have similar lengths and
-    little padding, while the runs stay in shuffled order.
+    The example order is a fresh seeded shuffle per epoch, cut into windows of `group_size` examples that keep
+    that order. packing: each window's examples are packed into rows of at most `max_seq_len` tokens, first fit
+    in decreasing length (an example is never split), which leaves far less room unused than appending in order
+    (examples of 300 tokens in rows of 512 pack one per row in order, but pair up with shorter ones here).
+    Otherwise one example per row. Either way each window's rows are sorted by length and cut into runs of
+    `batch_rows` (the rows one micro step reads over all ranks), so a micro batch holds rows of similar length
+    and little padding; the runs are then put in a seeded random order, so that long and short rows do not come
+    as a curriculum from long to short.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}")
     too_long = [example.where for example in examples if len(example) > max_seq_len]
     if too_long:
         raise ValueError(f"{len(too_long)} examples are longer than max_seq_len {max_seq_len}, e.g. {too_long[0]}")
-    order = np.random.default_rng([seed, epoch]).permutation(len(examples))
-    shuffled = [examples[i] for i in order]
-    if packing:
-        return [_sequence(group) for group in _packed_groups(shuffled, max_seq_len)]
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+    rng = np.random.default_rng([seed, epoch])
+    shuffled = [examples[i] for i in rng.permutation(len(examples))]
     rows: list[Sequence] = []
     for start in range(0, len(shuffled), group_size):
-        chunk = sorted(shuffled[start : start + group_size], key=len, reverse=True)  # stable: deterministic
-        rows.extend(_sequence([example]) for example in chunk)
+        window = shuffled[start : start + group_size]
+        groups = _first_fit_decreasing(window, max_seq_len) if packing else [[example] for example in window]
+        # sorted() is stable, so ties keep their shuffled order: the result stays deterministic.
+        ordered = sorted((_sequence(group) for group in groups), key=len, reverse=True)
+        runs = [ordered[i : i + batch_rows] for i in range(0, len(ordered), batch_rows)]
+        rows.extend(row for index in rng.permutation(len(runs)) for row in runs[index])
     return rows
 
 
-def _packed_groups(examples: list[Example], max_seq_len: int) -> Iterator[list[Example]]:
-    group: list[Example] = []
-    length = 0
-    for example in examples:
-        if group and length + len(example) > max_seq_len:
-            yield group
-            group, length = [], 0
-        group.append(example)
-        length += len(example)
-    if group:
-        yield group
+def _first_fit_decreasing(examples: list[Example], max_seq_len: int) -> list[list[Example]]:
+    """Longest example first, each into the first row with room for it, else into a new row."""
+    rows: list[list[Example]] = []
+    free: list[int] = []
+    for example in sorted(examples, key=len, reverse=True):
+        for index, room in enumerate(free):
+            if len(example) <= room:
+                rows[index].append(example)
+                free[index] -= len(example)
+                break
+        else:
+            rows.append([example])
+            free.append(max_seq_len - len(example))
+    return rows
 
 
 def _sequence(examples: list[Example]) -> Sequence:

@@ -55,10 +55,12 @@ from pipeline.stage import StageContext, StageSpec
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 TRAIN_DATA, HELDOUT_DATA = "data/train.npz", "data/heldout.npz"
-# Sequences per length-sorted chunk when packing is off (the usual "group by length" window, in micro batches).
+# Micro steps per length-sorted window of the data order (the usual "group by length" window).
 GROUP_MICRO_BATCHES = 50
 # Logits are computed for at most this many (positions x vocabulary) elements at a time.
 LOGIT_CHUNK_ELEMENTS = 2**26
+# Tokens of the one-time check of the response-only loss against transformers' loss.
+CHECK_TOKENS = 128
 # The adapter, reloaded from its folder, must reproduce the engine's logits to this (same weights, same kernels).
 ADAPTER_TOLERANCE = 1e-4
 # base + LoRA merged (before bf16 storage) against the trained model, relative to the largest logit: merging
@@ -290,8 +292,13 @@ def load_examples(path: Path) -> list[Any]:
 
     with np.load(path, allow_pickle=False) as arrays:
         ids, labels, offsets = arrays["input_ids"], arrays["labels"], arrays["offsets"]
-    return [Example(tuple(int(t) for t in ids[a:b]), tuple(int(t) for t in labels[a:b]), f"{path.name}:{i}")
-            for i, (a, b) in enumerate(itertools.pairwise(offsets))]
+    return [Example(ids[a:b], labels[a:b], f"{path.name}:{i}") for i, (a, b) in enumerate(itertools.pairwise(offsets))]
+
+
+def _batch_rows(s: SftConfig) -> int:
+    """Rows one micro step reads over all ranks: the unit the data order is built from, so that 2 GPUs x micro
+    batch 2 read the same rows per step as 1 GPU x micro batch 4."""
+    return s.micro_batch_size * s.num_gpus * s.num_nodes
 
 
 def _global_sequences(cfg: PipelineConfig) -> int:
@@ -306,7 +313,7 @@ def _total_steps(cfg: PipelineConfig, ctx: StageContext) -> tuple[int, int]:
     s = cfg.sft
     examples = load_examples(ctx.out_dir / TRAIN_DATA)
     per_epoch = len(epoch_sequences(examples, packing=s.packing, max_seq_len=s.max_seq_len, seed=ctx.seed, epoch=0,
-                                    group_size=s.micro_batch_size * GROUP_MICRO_BATCHES))
+                                    group_size=_batch_rows(s) * GROUP_MICRO_BATCHES, batch_rows=_batch_rows(s)))
     if s.max_steps is not None:
         return s.max_steps, per_epoch
     return max(1, math.ceil(s.epochs * per_epoch / _global_sequences(cfg))), per_epoch
@@ -360,7 +367,8 @@ def build_model(base: str, settings: dict[str, Any], target_modules: list[str], 
     for param in peft_model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # fp32 master copies: the optimizer steps these directly
-    return peft_model
+    # from_pretrained leaves the model in eval mode, where transformers skips gradient checkpointing.
+    return peft_model.train()
 
 
 def plain_4bit_kernels(model: Any) -> None:
@@ -427,8 +435,9 @@ class _SequenceStream:
     """The training sequences of every epoch in order; step s, micro batch m, rank r reads a fixed slice, so the
     ranks see disjoint data and one process with a k-times larger micro batch sees the same sequences per step."""
 
-    def __init__(self, examples: list[Any], settings: dict[str, Any], seed: int):
+    def __init__(self, examples: list[Any], settings: dict[str, Any], seed: int, world: int):
         self.examples, self.settings, self.seed = examples, settings, seed
+        self.batch_rows = settings["micro_batch_size"] * world  # one micro step over all ranks
         self.epochs: list[list[Any]] = []
         self.starts: list[int] = []
 
@@ -440,7 +449,8 @@ class _SequenceStream:
             self.starts.append(self.starts[-1] + len(self.epochs[-1]) if self.epochs else 0)
             self.epochs.append(epoch_sequences(self.examples, packing=s["packing"], max_seq_len=s["max_seq_len"],
                                                seed=self.seed, epoch=len(self.epochs),
-                                               group_size=s["micro_batch_size"] * GROUP_MICRO_BATCHES))
+                                               group_size=self.batch_rows * GROUP_MICRO_BATCHES,
+                                               batch_rows=self.batch_rows))
         return self.epochs[epoch]
 
     def take(self, start: int, count: int) -> list[Any]:
@@ -493,7 +503,8 @@ class _Worker:
         deepspeed.init_distributed(dist_backend="nccl" if self.accelerator == "cuda" else "gloo")
         torch.manual_seed(self.job["seed"])  # LoRA's A matrices start identical on every rank
         self.tokenizer = AutoTokenizer.from_pretrained(self.job["tokenizer_dir"], local_files_only=True)
-        self.stream = _SequenceStream(load_examples(Path(self.job["data"]["train"])), self.s, self.job["seed"])
+        self.stream = _SequenceStream(load_examples(Path(self.job["data"]["train"])), self.s, self.job["seed"],
+                                      self.world)
         self.heldout = load_examples(Path(self.job["data"]["heldout"]))
         self.model = build_model(self.job["base_model"], self.s, self.job["target_modules"],
                                  self.job["new_token_ids"], self.device, self.job["trust_remote_code"])
@@ -536,6 +547,7 @@ class _Worker:
         initial = self._evaluate(0)
         bar = progress(self.rank, 0, self.total, "sft")
         seen = {"tokens": 0, "response_tokens": 0}
+        self.positions = 0  # real + pad positions of every batch trained on (all ranks)
         train_seconds, started = 0.0, time.monotonic()
         record: dict[str, Any] = {}
         for step in range(self.total):
@@ -593,17 +605,24 @@ class _Worker:
         if self.norm is None:
             self.norm = self.engine.get_global_grad_norm()
         torch.distributed.all_reduce(nats)
+        self.positions += sum(b.input_ids.size for b in batches)
         return float(nats) / total, sum(b.tokens for b in batches), sum(b.response_tokens for b in batches)
 
     def _check_loss(self) -> None:
-        """The response-only loss against transformers' own loss on the first batch: an architecture whose output
-        layer does more than `lm_head` (+ softcapping) would otherwise train on a wrong objective unnoticed."""
+        """The response-only loss against transformers' own loss on the first example: an architecture whose output
+        layer does more than `lm_head` (+ softcapping) would otherwise train on a wrong objective unnoticed. At
+        most CHECK_TOKENS tokens ending with the answer: transformers' loss materializes every position's logits,
+        which for a large vocabulary would set the run's peak memory."""
+        import numpy as np
         import torch
 
-        from data.instruct import collate
+        from data.instruct import Sequence, collate
 
-        batch = batch_tensors(collate(self._step_batches(0)[self.rank], self.tokenizer.pad_token_id,
-                                      self.s["packing"]), self.device)
+        ids, labels, _ = _arrays(self.stream.examples[0])
+        end = int(np.flatnonzero(labels != -100)[-1]) + 1
+        start = max(0, end - CHECK_TOKENS)
+        seq = Sequence(ids[start:end], labels[start:end], np.arange(end - start, dtype=np.int64), examples=1)
+        batch = batch_tensors(collate([seq], self.tokenizer.pad_token_id, False), self.device)
         module = self.engine.module
         module.eval()
         with torch.no_grad(), self._autocast():
@@ -801,7 +820,7 @@ class _Worker:
         new_rows = len(self.job["new_token_ids"])
         delta = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n)
         sequences = self.total * self.group
-        padding = self._padding_share()
+        padding = 1 - last["tokens"] / self.positions if self.positions else 0.0
         return {
             "steps": self.total, "epochs": self.stream.epoch_of(sequences), "world_size": self.world,
             "accelerator": self.accelerator, "zero_stage": self.s["zero_stage"],
@@ -822,19 +841,6 @@ class _Worker:
             "adapter_check": adapter_check, "merged_check": merged_check,
             "jpadapt_version": self.job["jpadapt_version"],
         }
-
-    def _padding_share(self) -> float:
-        """Pad positions / all positions over the first epoch's batches as they are collated."""
-        from data.instruct import collate
-
-        sequences = self.stream._epoch(0)
-        mb = self.s["micro_batch_size"]
-        real = padded = 0
-        for start in range(0, len(sequences), mb):
-            batch = collate(sequences[start:start + mb], self.tokenizer.pad_token_id, self.s["packing"])
-            real += batch.tokens
-            padded += batch.input_ids.size
-        return 1 - real / padded if padded else 0.0
 
 
 def _optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> Any:

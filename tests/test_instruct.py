@@ -7,8 +7,8 @@ own chat template, which rewrites earlier assistant turns). Expected texts are w
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -348,7 +348,7 @@ def examples() -> list[Example]:
 
 
 def test_packing_fills_rows_without_splitting_or_losing_examples(examples):
-    rows = epoch_sequences(examples, packing=True, max_seq_len=128, seed=1, epoch=0, group_size=8)
+    rows = epoch_sequences(examples, packing=True, max_seq_len=128, seed=1, epoch=0, group_size=8, batch_rows=8)
     assert all(len(row) <= 128 for row in rows)
     assert sum(row.examples for row in rows) == len(examples)
     assert sum(int((row.labels != IGNORE_INDEX).sum()) for row in rows) == sum(e.response_tokens for e in examples)
@@ -364,12 +364,23 @@ def test_packing_fills_rows_without_splitting_or_losing_examples(examples):
             seen.append(source.where)
     assert sorted(seen) == sorted(e.where for e in examples)
     # Greedy: a row was closed only because the next example did not fit into it.
-    assert all(len(row) + len(pieces(after)[0]) > 128 for row, after in itertools.pairwise(rows))
+    # First fit decreasing, window by window (8 examples each): rows come longest first, and no window uses more
+    # rows than FFD's bound over the optimum (11/9 OPT + 6/9, OPT >= the tokens over the row size).
+    window_rows: list[list] = [[]]
+    for row in rows:
+        if sum(r.examples for r in window_rows[-1]) == 8:
+            window_rows.append([])
+        window_rows[-1].append(row)
+    for window in window_rows:
+        assert [len(r) for r in window] == sorted((len(r) for r in window), reverse=True)
+        optimum = math.ceil(sum(len(r) for r in window) / 128)
+        assert len(window) <= 11 / 9 * optimum + 6 / 9
+    assert len(rows) < len(examples) / 2  # 200 examples of 2-59 tokens: most rows hold several
 
 
 def test_epoch_order_is_seeded(examples):
     def order(packing: bool, seed: int, epoch: int) -> list[tuple[int, ...]]:
-        rows = epoch_sequences(examples, packing=packing, max_seq_len=128, seed=seed, epoch=epoch, group_size=8)
+        rows = epoch_sequences(examples, packing=packing, max_seq_len=128, seed=seed, epoch=epoch, group_size=8, batch_rows=8)
         return [tuple(row.input_ids.tolist()) for row in rows]
 
     for packing in (True, False):
@@ -379,7 +390,7 @@ def test_epoch_order_is_seeded(examples):
 
 
 def test_length_grouping_sorts_each_chunk(examples):
-    rows = epoch_sequences(examples, packing=False, max_seq_len=128, seed=3, epoch=0, group_size=16)
+    rows = epoch_sequences(examples, packing=False, max_seq_len=128, seed=3, epoch=0, group_size=16, batch_rows=16)
     assert len(rows) == len(examples) and all(row.examples == 1 for row in rows)
     lengths = [len(row) for row in rows]
     chunks = [lengths[i : i + 16] for i in range(0, len(lengths), 16)]
@@ -391,12 +402,12 @@ def test_length_grouping_sorts_each_chunk(examples):
 
 def test_examples_longer_than_the_limit_are_refused(examples):
     with pytest.raises(ValueError, match="longer than max_seq_len 10"):
-        epoch_sequences(examples, packing=True, max_seq_len=10, seed=0, epoch=0, group_size=1)
+        epoch_sequences(examples, packing=True, max_seq_len=10, seed=0, epoch=0, group_size=1, batch_rows=1)
 
 
 def test_collate_unpacked_pads_right_with_a_mask():
     rows = epoch_sequences([example(5, 2), example(3, 1)], packing=False, max_seq_len=8, seed=0, epoch=0,
-                           group_size=2)
+                           group_size=2, batch_rows=2)
     batch = collate(rows, pad_id=0, packed=False)
     assert batch.input_ids.shape == (2, 5)
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
@@ -407,7 +418,7 @@ def test_collate_unpacked_pads_right_with_a_mask():
 
 def test_collate_packed_padding_is_its_own_block():
     packed = epoch_sequences([example(5, 2), example(3, 1), example(4, 1)], packing=True, max_seq_len=8, seed=0,
-                             epoch=0, group_size=1)
+                             epoch=0, group_size=64, batch_rows=64)
     assert sorted(len(row) for row in packed) == [4, 8]
     batch = collate(packed, pad_id=0, packed=True)
     assert batch.attention_mask is None
@@ -427,8 +438,8 @@ def test_packed_examples_do_not_attend_to_each_other(llama):
     model = LlamaForCausalLM(config).eval()
     pair = [tokenize_conversation(chat("一つ目の質問", "答え"), llama, 1024)[0],
             tokenize_conversation(chat("二つ目", "長めの答えです"), llama, 1024)[0]]
-    (row,) = epoch_sequences(pair, packing=True, max_seq_len=1024, seed=0, epoch=0, group_size=1)
-    (single,) = epoch_sequences(pair[:1], packing=True, max_seq_len=1024, seed=0, epoch=0, group_size=1)
+    (row,) = epoch_sequences(pair, packing=True, max_seq_len=1024, seed=0, epoch=0, group_size=64, batch_rows=64)
+    (single,) = epoch_sequences(pair[:1], packing=True, max_seq_len=1024, seed=0, epoch=0, group_size=64, batch_rows=64)
     # The shorter second row gets padding, which must stay out of the real tokens' way too.
     batch = collate([row, single], pad_id=0, packed=True)
 
