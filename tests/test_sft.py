@@ -375,9 +375,10 @@ def test_unknown_lora_target_fails(workspace, tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma_qlora_with_its_own_chat_template(tmp_path):
-    """Gemma 3 270M (pretrained, 262k vocabulary, its own chat template): QLoRA steps run, the response-only
-    loss agrees with transformers' (checked by the stage on the first batch), and the held-out loss falls."""
+def test_gemma_qlora_learns_the_answer_format(tmp_path):
+    """Gemma 3 270M (pretrained, 262k vocabulary; the GGUF ships no chat template, so the Japanese template is
+    used): QLoRA steps run, the response-only loss agrees with transformers' (the stage checks it before the
+    first step), and the held-out loss falls."""
     from tests.helpers.gemma import gemma_folder
 
     folder = gemma_folder()
@@ -395,6 +396,6 @@ def test_gemma_qlora_with_its_own_chat_template(tmp_path):
     run_sft(config)
     stage = stage_dir(tmp_path / "out")
     summary = json.loads((stage / "summary.json").read_text(encoding="utf-8"))
-    assert summary["prompt_format"] == "chat_template"
+    assert summary["prompt_format"] == "template"
     evals = read_jsonl(stage / "eval.jsonl")
     assert evals[-1]["loss"] < evals[0]["loss"], evals
