@@ -125,11 +125,12 @@ def data_lines(summary: dict[str, Any]) -> list[str]:
                f"per epoch" if summary["packing"]
                else f"packing off: {summary['sequences_per_epoch']:,} sequences per epoch, one example each")
     return [
-        (f"{examples:,} examples: {data['kept']:,} kept, {data['truncated']:,} truncated to {data['max_tokens']} "
-         f"tokens ({data['truncated'] / examples:.1%}), {data['dropped']:,} dropped"),
+        (f"{examples:,} examples: {data['kept']:,} kept, {data['truncated']:,} truncated to max_seq_len "
+         f"{summary['max_seq_len']} ({data['truncated'] / examples:.1%}), {data['dropped']:,} dropped (nothing of "
+         f"their answer fits); the longest kept example has {data['max_tokens']:,} tokens"),
         (f"{data['tokens']:,} tokens, {data['response_tokens']:,} of them response tokens that carry the loss "
          f"({data['response_tokens'] / data['tokens']:.1%})"),
-        f"{packing}, {summary['padding_share']:.1%} padding",
+        f"{packing}; {summary['padding_share']:.1%} of the positions trained on were padding",
         (f"{summary['steps']:,} optimizer steps x {summary['global_batch_sequences']} sequences = "
          f"{summary['epochs']:.2f} epochs: {summary['tokens_seen']:,} tokens seen, "
          f"{summary['response_tokens_seen']:,} of them response tokens"),
