@@ -143,7 +143,7 @@ def bits_per_byte(
     texts = list(texts)
     total_bytes = sum(len(text.encode("utf-8")) for text in texts)
     docs = _encode(tokenizer, texts, add_bos)
-    vocab = _vocab_rows(model)
+    vocab = vocab_rows(model)
     for i, ids in enumerate(docs):
         if ids and max(ids) >= vocab:
             raise JpadaptError(
@@ -158,7 +158,7 @@ def bits_per_byte(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    keep_logits = _accepts_logits_to_keep(model)
+    keep_logits = accepts_logits_to_keep(model)
     try:
         with torch.no_grad():
             batches = range(0, len(order), batch_size)
@@ -182,14 +182,14 @@ def _encode(tokenizer: Any, texts: list[str], add_bos: bool) -> list[list[int]]:
     return docs
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def accepts_logits_to_keep(model: Any) -> bool:
     """transformers' causal LMs (v4.50+) compute logits only for the last N positions when asked; a PEFT
     wrapper passes the argument through to the model it wraps. Other models get full logits."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
-def _vocab_rows(model: Any) -> int:
+def vocab_rows(model: Any) -> int:
     weight = model.get_input_embeddings().weight
     # Under DeepSpeed ZeRO-3 each rank holds a flat shard; `ds_shape` is the full shape.
     return int(getattr(weight, "ds_shape", weight.shape)[0])

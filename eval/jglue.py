@@ -1,0 +1,331 @@
+"""JGLUE multiple-choice accuracy (JCommonsenseQA, JNLI) of a causal LM, offline, from the bundled files.
+
+    items = load_task("jcommonsenseqa")                                  # valid split, 1,119 questions
+    shots = fewshot_examples("jcommonsenseqa", 3, seed=0, pool=load_task("jcommonsenseqa", "train"), exclude_id=None)
+    scores = score_items(model, tokenizer, items, prefix=fewshot_prefix("jcommonsenseqa", shots))
+    accuracy(scores, items, normalized=False).accuracy                   # lm-evaluation-harness `acc`
+    accuracy(scores, items, normalized=True).accuracy                    # `acc_norm`
+
+Prompts (plain Japanese, close to the JP lm-evaluation-harness / llm-jp-eval templates):
+* JCommonsenseQA: context `質問: {question}\\n答え:`, choices ` {choice0}` .. ` {choice4}`.
+* JNLI: context `前提: {sentence1}\\n仮説: {sentence2}\\n関係:`, choices ` 含意` (entailment), ` 矛盾`
+  (contradiction), ` 中立` (neutral).
+Few-shot: the solved examples (context + correct choice), each followed by a blank line, then the question.
+`FEWSHOT_SPLIT` names the split to draw them from: JCommonsenseQA's train split; JNLI's train split is not
+bundled, so its examples come from the valid split itself, never the item being asked (`exclude_id`).
+
+Scoring is lm-evaluation-harness's multiple-choice definition, for each (context, continuation) request:
+* Trailing whitespace of the context moves onto the continuation (harness `_encode_pair`).
+* The context and the whole string (context + continuation) are tokenized without special tokens; the
+  continuation's tokens are the whole string's tokens after the first len(context tokens). The model reads
+  the whole string's tokens, so a token that merges across the boundary is scored as continuation.
+* loglik = sum of log p(continuation token | everything before it); `acc` picks the argmax of loglik,
+  `acc_norm` the argmax of loglik / characters of the choice (harness normalizes by `len(choice)` of the
+  choice text without its target delimiter; here: the continuation without its leading whitespace, the same
+  for JGLUE).
+Differences from the harness:
+* A start token (the tokenizer's BOS, else EOS, as in `eval.perplexity`) is always put first, as context.
+  The harness (v0.4) adds BOS only with `add_bos_token=True` (set for Gemma), which the JP harness forks
+  and most published Japanese scores of LLaMA-family models did with their tokenizer's default BOS; models
+  are trained with it, and without it the first tokens are scored from an untrained position.
+* No truncation: every sequence must fit the model's context (JGLUE questions with a few shots do).
+* A continuation with no token of its own (it merged entirely into the context) is an error here; the
+  harness would score it 0, i.e. as the most likely choice.
+Requests are batched longest first, right-padded, one forward pass per batch under `torch.inference_mode`,
+logits kept only for the continuation positions (`logits_to_keep`), log-softmax in float32, sums in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import math
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data.assets import stored_path
+from eval.perplexity import accepts_logits_to_keep, start_token_id, vocab_rows
+from pipeline.errors import JpadaptError
+
+# z for a two-sided 95% interval: the 0.975 quantile of the standard normal.
+Z95 = 1.959963984540054
+
+JNLI_LABELS = ("entailment", "contradiction", "neutral")
+JNLI_CHOICES = (" 含意", " 矛盾", " 中立")  # in the order of JNLI_LABELS
+
+FEWSHOT_SPLIT = {"jcommonsenseqa": "train", "jnli": "valid"}
+
+_FILES = {
+    ("jcommonsenseqa", "train"): "eval/jglue/jcommonsenseqa-v1.3/train-v1.3.json",
+    ("jcommonsenseqa", "valid"): "eval/jglue/jcommonsenseqa-v1.3/valid-v1.3.json",
+    ("jnli", "valid"): "eval/jglue/jnli-v1.3/valid-v1.3.json",
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One multiple-choice question: `context + choices[i]` is the i-th full answer."""
+
+    id: str
+    context: str  # the prompt before the answer, without few-shot examples
+    choices: tuple[str, ...]  # continuations, each with its leading separator
+    label: int  # index of the correct choice
+
+
+@dataclass(frozen=True)
+class ChoiceScores:
+    """Per choice of one item: summed log-likelihood and the lengths it can be normalized by."""
+
+    loglik: tuple[float, ...]  # sum of log p(choice tokens | context), natural log
+    tokens: tuple[int, ...]  # scored tokens of each choice
+    chars: tuple[int, ...]  # characters of each choice without its leading separator
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    correct: int
+    total: int
+    accuracy: float
+    ci_low: float  # 95% Wilson score interval
+    ci_high: float
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Items and prompts
+
+
+def load_task(name: str, split: str = "valid") -> list[Item]:
+    """The bundled split of a JGLUE task ("jcommonsenseqa": train, valid; "jnli": valid) as items, file order."""
+    parse = _PARSERS.get(name)
+    if parse is None:
+        raise JpadaptError(f"unknown JGLUE task {name!r}; known: {', '.join(sorted(_PARSERS))}")
+    asset = _FILES.get((name, split))
+    if asset is None:
+        known = ", ".join(s for t, s in _FILES if t == name)
+        raise JpadaptError(f"JGLUE task {name!r} has no bundled {split!r} split; bundled: {known}")
+    path = stored_path(asset)
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        try:
+            return [parse(json.loads(line)) for line in f if line.strip()]
+        except (ValueError, KeyError) as exc:
+            raise JpadaptError(f"{path}: not a {name} record ({exc!r})") from exc
+
+
+def _commonsenseqa_item(record: dict[str, Any]) -> Item:
+    return Item(
+        id=str(record["q_id"]),
+        context=f"質問: {record['question']}\n答え:",
+        choices=tuple(" " + record[f"choice{i}"] for i in range(5)),
+        label=int(record["label"]),
+    )
+
+
+def _jnli_item(record: dict[str, Any]) -> Item:
+    return Item(
+        id=str(record["sentence_pair_id"]),
+        context=f"前提: {record['sentence1']}\n仮説: {record['sentence2']}\n関係:",
+        choices=JNLI_CHOICES,
+        label=JNLI_LABELS.index(record["label"]),
+    )
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any]], Item]] = {"jcommonsenseqa": _commonsenseqa_item, "jnli": _jnli_item}
+
+
+def fewshot_examples(task: str, k: int, seed: int, pool: list[Item], exclude_id: str | None) -> list[Item]:
+    """`k` examples drawn from `pool` with `seed`, never the item `exclude_id`.
+
+    The draw is k + 1 items of one seeded sample, the excluded one dropped, so every question of a run gets the
+    same examples except where the question itself was drawn (JNLI, whose examples come from its valid split).
+    """
+    _check_task(task)
+    candidates = min(k + 1, len(pool))
+    drawn = [item for item in random.Random(seed).sample(pool, candidates) if item.id != exclude_id][:k]
+    if len(drawn) < k:
+        raise JpadaptError(f"{task}: {k} few-shot examples asked for, but the pool has only {len(drawn)}")
+    return drawn
+
+
+def fewshot_prefix(task: str, examples: list[Item]) -> str:
+    """The solved examples, each followed by a blank line; put before an item's context ("" for zero-shot)."""
+    _check_task(task)
+    return "".join(f"{ex.context}{ex.choices[ex.label]}\n\n" for ex in examples)
+
+
+def _check_task(task: str) -> None:
+    if task not in _PARSERS:
+        raise JpadaptError(f"unknown JGLUE task {task!r}; known: {', '.join(sorted(_PARSERS))}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Token ids of one (item, choice) pair; the last `scored` ids are the continuation."""
+
+    item: int
+    choice: int
+    ids: tuple[int, ...]
+    scored: int
+
+
+def score_items(
+    model: Any, tokenizer: Any, items: list[Item], prefix: str = "", batch_size: int = 8, desc: str = ""
+) -> list[ChoiceScores]:
+    """Log-likelihood of every choice of every item after `prefix + item.context` (module docstring).
+
+    The model is run in eval mode (its train/eval mode restored afterwards) on the device of its parameters.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    requests = _requests(tokenizer, items, prefix)
+    vocab = vocab_rows(model)
+    for r in requests:
+        if max(r.ids) >= vocab:
+            raise JpadaptError(
+                f"item {items[r.item].id}: the tokenizer gives id {max(r.ids)} but the model has only {vocab} "
+                "embedding rows (is this the model's tokenizer?)"
+            )
+    # Longest first: little padding per batch, and a batch too large for memory fails at once.
+    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].ids), i))
+    loglik = [0.0] * len(requests)
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    keep_logits = accepts_logits_to_keep(model)
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(order), batch_size), desc=desc or "jglue", unit="batch"):
+                chunk = order[start : start + batch_size]
+                batch = [requests[i] for i in chunk]
+                for i, value in zip(chunk, _forward(model, batch, device, keep_logits)):
+                    loglik[i] = value
+    finally:
+        model.train(was_training)
+    return _collect(items, requests, loglik)
+
+
+def _requests(tokenizer: Any, items: list[Item], prefix: str) -> list[_Request]:
+    start = start_token_id(tokenizer)
+    head = [] if start is None else [start]
+    pairs = [_split_whitespace(prefix + item.context, choice) for item in items for choice in item.choices]
+    contexts = _encode(tokenizer, [context for context, _ in pairs])
+    wholes = _encode(tokenizer, [context + continuation for context, continuation in pairs])
+    requests = []
+    index = [(i, c) for i, item in enumerate(items) for c in range(len(item.choices))]
+    for (i, c), context_ids, whole_ids in zip(index, contexts, wholes):
+        scored = len(whole_ids) - len(context_ids)
+        if scored < 1:
+            raise JpadaptError(
+                f"item {items[i].id}: choice {items[i].choices[c]!r} gives no token of its own after the context"
+            )
+        if not head and not context_ids:
+            raise JpadaptError(f"item {items[i].id}: empty context, and the tokenizer has no BOS or EOS to stand for it")
+        requests.append(_Request(item=i, choice=c, ids=tuple(head + whole_ids), scored=scored))
+    return requests
+
+
+def _split_whitespace(context: str, continuation: str) -> tuple[str, str]:
+    """Move the context's trailing whitespace onto the continuation, as the harness does: tokenizers that
+    attach a space to the next word would otherwise score an odd, space-less continuation."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped) :] + continuation
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    # verbose=False: a few-shot prompt may pass the tokenizer's model_max_length, which is the caller's choice.
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def _forward(model: Any, batch: list[_Request], device: torch.device, keep_logits: bool) -> list[float]:
+    """Summed log-likelihood of the continuation of each request in `batch`."""
+    lengths = [len(r.ids) for r in batch]
+    width = max(lengths)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, r in enumerate(batch):
+        input_ids[row, : lengths[row]] = torch.tensor(r.ids)
+        mask[row, : lengths[row]] = 1
+    # Logits at position p predict token p + 1: the continuation [n - scored, n) is predicted by positions
+    # [n - scored - 1, n - 1). Keep the last `keep` positions, enough for every row.
+    keep = max(width - n + r.scored + 1 for n, r in zip(lengths, batch))
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if bool((mask == 0).any()):
+        kwargs["attention_mask"] = mask.to(device)
+    if keep_logits:
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=input_ids.to(device), **kwargs).logits
+    first_kept = width - logits.shape[1]  # the position of logits[:, 0]
+    results = []
+    for row, r in enumerate(batch):
+        lo = lengths[row] - r.scored - 1 - first_kept
+        logprobs = torch.log_softmax(logits[row, lo : lo + r.scored].float(), dim=-1)
+        targets = input_ids[row, lengths[row] - r.scored : lengths[row]].to(logprobs.device)
+        results.append(float(logprobs.gather(1, targets[:, None]).double().sum()))
+    return results
+
+
+def _collect(items: list[Item], requests: list[_Request], loglik: list[float]) -> list[ChoiceScores]:
+    per_item: list[list[tuple[float, int]]] = [[] for _ in items]
+    for r, value in zip(requests, loglik):  # requests are in item, then choice order
+        per_item[r.item].append((value, r.scored))
+    return [
+        ChoiceScores(
+            loglik=tuple(value for value, _ in scored),
+            tokens=tuple(n for _, n in scored),
+            chars=tuple(len(choice.lstrip()) for choice in item.choices),
+        )
+        for item, scored in zip(items, per_item)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def accuracy(scores: list[ChoiceScores], items: list[Item], normalized: bool) -> Accuracy:
+    """Share of items whose best-scored choice is the label: by loglik (`acc`), or with `normalized` by loglik
+    per character (`acc_norm`). Ties go to the first choice, as numpy's argmax in the harness."""
+    if len(scores) != len(items):
+        raise ValueError(f"{len(scores)} scores for {len(items)} items")
+    correct = sum(_predicted(s, normalized) == item.label for s, item in zip(scores, items))
+    low, high = wilson_interval(correct, len(items))
+    total = len(items)
+    return Accuracy(correct, total, correct / total if total else math.nan, low, high)
+
+
+def _predicted(scores: ChoiceScores, normalized: bool) -> int:
+    values = [ll / n for ll, n in zip(scores.loglik, scores.chars)] if normalized else list(scores.loglik)
+    return values.index(max(values))
+
+
+def wilson_interval(successes: int, total: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion: unlike p ± z·se it stays in [0, 1] and is not empty at
+    0 or n successes. (nan, nan) for no trials."""
+    if total == 0:
+        return math.nan, math.nan
+    p = successes / total
+    denom = 1 + z * z / total
+    center = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    # At 0 or n successes one end is exactly p, which float rounding can push just past it (0.9999999999999999
+    # for n/n): clamp so the interval always holds the observed proportion and stays in [0, 1].
+    return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))
+
+
+def chance_and_majority(items: list[Item]) -> tuple[float, float]:
+    """Baselines: the expected accuracy of a uniform random guess, and of always answering the commonest label."""
+    if not items:
+        return math.nan, math.nan
+    chance = math.fsum(1 / len(item.choices) for item in items) / len(items)
+    majority = Counter(item.label for item in items).most_common(1)[0][1] / len(items)
+    return chance, majority
