@@ -50,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from data.assets import stored_path
-from eval.perplexity import accepts_logits_to_keep, start_token_id, vocab_rows
+from eval.perplexity import accepts_logits_to_keep, start_token_id, tail_nats, vocab_rows
 from pipeline.errors import JpadaptError
 
 # z for a two-sided 95% interval: the 0.975 quantile of the standard normal.
@@ -248,30 +248,8 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 def _forward(model: Any, batch: list[_Request], device: torch.device, keep_logits: bool) -> list[float]:
     """Summed log-likelihood of the continuation of each request in `batch`."""
-    lengths = [len(r.ids) for r in batch]
-    width = max(lengths)
-    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, r in enumerate(batch):
-        input_ids[row, : lengths[row]] = torch.tensor(r.ids)
-        mask[row, : lengths[row]] = 1
-    # Logits at position p predict token p + 1: the continuation [n - scored, n) is predicted by positions
-    # [n - scored - 1, n - 1). Keep the last `keep` positions, enough for every row.
-    keep = max(width - n + r.scored + 1 for n, r in zip(lengths, batch))
-    kwargs: dict[str, Any] = {"use_cache": False}
-    if bool((mask == 0).any()):
-        kwargs["attention_mask"] = mask.to(device)
-    if keep_logits:
-        kwargs["logits_to_keep"] = keep
-    logits = model(input_ids=input_ids.to(device), **kwargs).logits
-    first_kept = width - logits.shape[1]  # the position of logits[:, 0]
-    results = []
-    for row, r in enumerate(batch):
-        lo = lengths[row] - r.scored - 1 - first_kept
-        logprobs = torch.log_softmax(logits[row, lo : lo + r.scored].float(), dim=-1)
-        targets = input_ids[row, lengths[row] - r.scored : lengths[row]].to(logprobs.device)
-        results.append(float(logprobs.gather(1, targets[:, None]).double().sum()))
-    return results
+    nats = tail_nats(model, [r.ids for r in batch], [r.scored for r in batch], device, keep_logits)
+    return [-value for value in nats]
 
 
 def _collect(items: list[Item], requests: list[_Request], loglik: list[float]) -> list[ChoiceScores]:

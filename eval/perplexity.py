@@ -199,16 +199,25 @@ def _score(
     model: Any, docs: list[list[int]], batch: list[Window], device: torch.device, keep_logits: bool
 ) -> list[float]:
     """Summed NLL (nats) of the scored tail of each window in `batch`."""
-    lengths = [w.end - w.begin for w in batch]
+    rows = [docs[w.doc][w.begin : w.end] for w in batch]
+    return tail_nats(model, rows, [w.scored for w in batch], device, keep_logits)
+
+
+def tail_nats(model: Any, rows: list[list[int]], scored: list[int], device: torch.device,
+              keep_logits: bool) -> list[float]:
+    """For each token row, the summed negative log-likelihood (nats) of its last `scored` tokens given all the
+    tokens before them. One right-padded forward pass; log-softmax in float32, sums in float64. Also the
+    multiple-choice scorer's (`eval.jglue`): a continuation is the scored tail of context + continuation."""
+    lengths = [len(row) for row in rows]
     width = max(lengths)
-    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, w in enumerate(batch):
-        input_ids[row, : lengths[row]] = torch.tensor(docs[w.doc][w.begin : w.end])
-        mask[row, : lengths[row]] = 1
-    # Logits at position p predict token p + 1: a window's scored tokens [len - scored, len) are predicted by
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, : lengths[index]] = torch.tensor(row)
+        mask[index, : lengths[index]] = 1
+    # Logits at position p predict token p + 1: a row's scored tokens [len - scored, len) are predicted by
     # positions [len - scored - 1, len - 1). Keep the last `keep` positions, enough for every row's tail.
-    keep = max(width - n + w.scored + 1 for n, w in zip(lengths, batch))
+    keep = max(width - n + k + 1 for n, k in zip(lengths, scored))
     kwargs: dict[str, Any] = {"use_cache": False}
     if bool((mask == 0).any()):
         kwargs["attention_mask"] = mask.to(device)
@@ -217,11 +226,10 @@ def _score(
     logits = model(input_ids=input_ids.to(device), **kwargs).logits
     first_kept = width - logits.shape[1]  # the position of logits[:, 0]
     results = []
-    for row, w in enumerate(batch):
-        n = lengths[row]
-        lo = n - w.scored - 1 - first_kept
-        row_logits = logits[row, lo : lo + w.scored].float()
-        targets = input_ids[row, n - w.scored : n].to(row_logits.device)
+    for index, (n, k) in enumerate(zip(lengths, scored)):
+        lo = n - k - 1 - first_kept
+        row_logits = logits[index, lo : lo + k].float()
+        targets = input_ids[index, n - k : n].to(row_logits.device)
         nll = torch.nn.functional.cross_entropy(row_logits, targets, reduction="sum")
         results.append(float(nll.double()))
     return results

@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from eval.forgetting import read_jsonl
 from tokenizer.report import DASH, Bullets, Heading, Paragraph, Plot, Table, render_html, render_markdown
 
 PLOT = "loss.png"
@@ -32,12 +33,6 @@ PROMPT_FORMATS = {
     "chat_template": "the tokenizer's chat template",
     "template": "the jpadapt Japanese instruction template",
 }
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_report(stage_dir: Path) -> None:

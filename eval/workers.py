@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,18 @@ def pick_accelerator(section: str, wanted: str, num_gpus: int, precision: str) -
     return accelerator
 
 
+def check_plan(cfg: Any, stage: str, ctx: Any) -> None:
+    """The planner's verdict before a launch: a run that cannot fit stops here, unless `--force`."""
+    from pipeline.planner.plan import check_fits
+
+    if ctx.forced:
+        ctx.log.info("--force: the planner's memory check is skipped")
+        return
+    plan = check_fits(cfg, stage)
+    if plan is not None:
+        ctx.log.info("plan: ~%.1f GiB per GPU on %s, fits", plan.memory.gpu_bytes / 2**30, plan.gpu.name)
+
+
 def check_job(out_dir: Path, returncode: int, expected: str = "summary.json") -> None:
     """After the job: a worker's JpadaptError as the stage's one-line error; a crash or a missing result as a
     RuntimeError (the runner points at log.txt, where the worker's traceback is)."""
@@ -56,6 +69,50 @@ def check_job(out_dir: Path, returncode: int, expected: str = "summary.json") ->
 
 
 # ---------------------------------------------------------------------------------------------- worker side
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Where this worker process sits in the job (from the launcher's environment)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: Any  # torch.device
+
+
+def start_worker(job: dict[str, Any]) -> Rank:
+    """Every worker's first steps: the parent watchdog, its device, the process group (nccl or gloo)."""
+    import deepspeed
+    import torch
+
+    exit_with_parent(int(job["parent_pid"]))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = job["accelerator"] == "cuda"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        torch.set_flush_denormal(True)  # tiny gradients late in training otherwise halve CPU speed
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return Rank(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local_rank,
+                torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+def lambda_scheduler(schedule: Callable[[int], float], lr: float) -> Callable[[Any], Any]:
+    """What `deepspeed.initialize(lr_scheduler=...)` takes: the step -> learning rate function as a torch
+    scheduler over the optimizer DeepSpeed builds or wraps."""
+    import torch
+
+    def build(optimizer: Any) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / lr)
+
+    return build
+
+
+def tensorboard(out: Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def worker_main(job_file: str, body: Callable[[dict[str, Any]], None]) -> int:

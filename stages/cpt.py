@@ -38,11 +38,14 @@ from eval.workers import (
     ERROR_FILE,
     append_jsonl,
     check_job,
-    exit_with_parent,
+    check_plan,
     grad_norm,
+    lambda_scheduler,
     peak_memory,
     pick_accelerator,
     progress,
+    start_worker,
+    tensorboard,
     worker_main,
     write_json,
 )
@@ -66,7 +69,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     settings = cfg.cpt
     accelerator = pick_accelerator("cpt", settings.accelerator, settings.num_gpus, settings.precision)
     _check_seq_len(cfg)
-    _check_plan(cfg, ctx)
+    check_plan(cfg, "cpt", ctx)
     check_launch(settings, "cpt")
     prepared = ctx.artifact("prepare")
     extended = ctx.prerequisites.get("extend-vocab")
@@ -117,17 +120,6 @@ def _check_seq_len(cfg: PipelineConfig) -> None:
             f"cpt.seq_len is {cfg.cpt.seq_len} but the model allows at most {limit} positions "
             "(max_position_embeddings)"
         )
-
-
-def _check_plan(cfg: PipelineConfig, ctx: StageContext) -> None:
-    from pipeline.planner.plan import check_fits
-
-    if ctx.forced:
-        ctx.log.info("--force: the planner's memory check is skipped")
-        return
-    plan = check_fits(cfg, "cpt")
-    if plan is not None:
-        ctx.log.info("plan: ~%.1f GiB per GPU on %s, fits", plan.memory.gpu_bytes / 2**30, plan.gpu.name)
 
 
 def _tokenizer(cfg: PipelineConfig, extended: Path | None, out_dir: Path) -> tuple[Any, Path]:
@@ -277,17 +269,13 @@ class _Worker:
     """One rank of the training job: engine, data, evaluation, checkpoints, metrics."""
 
     def __init__(self, job: dict[str, Any]):
-        import torch
-
         self.job = job
         self.settings = job["cpt"]
         self.out = Path(job["out_dir"])
         self.accelerator = job["accelerator"]
         self.total = int(job["total_steps"])
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(f"cuda:{self.local_rank}" if self.accelerator == "cuda" else "cpu")
+        where = start_worker(job)
+        self.rank, self.world, self.device = where.rank, where.world, where.device
         s = self.settings
         self.group_blocks = s["micro_batch_size"] * s["grad_accum"] * self.world
         self.schedule = lr_schedule(s["lr"], s["warmup_steps"], self.total, s["min_lr_ratio"])
@@ -298,16 +286,7 @@ class _Worker:
     # ----------------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        import deepspeed
-        import torch
 
-        exit_with_parent(int(self.job["parent_pid"]))
-
-        if self.accelerator == "cuda":
-            torch.cuda.set_device(self.local_rank)
-        else:
-            torch.set_flush_denormal(True)  # tiny gradients late in training otherwise halve CPU speed
-        deepspeed.init_distributed(dist_backend="nccl" if self.accelerator == "cuda" else "gloo")
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.job["tokenizer_dir"], local_files_only=True)
@@ -359,12 +338,9 @@ class _Worker:
         optimizer = None if native else torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(s["adam_betas"]), eps=1e-8,
                                                           fused=self.accelerator == "cuda")
 
-        def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.schedule(step) / s["lr"])
-
         engine, _, _, lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if native else None,
-            lr_scheduler=scheduler, config=config,
+            lr_scheduler=lambda_scheduler(self.schedule, s["lr"]), config=config,
         )
         return engine, lr_scheduler
 
@@ -459,9 +435,7 @@ class _Worker:
 
     def _writer(self):
         if self.board is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(self.out / "tensorboard"))
+            self.board = tensorboard(self.out)
         return self.board
 
     def _board_scalars(self, record: dict[str, Any]) -> None:

@@ -39,11 +39,14 @@ from eval.workers import (
     ERROR_FILE,
     append_jsonl,
     check_job,
-    exit_with_parent,
+    check_plan,
     grad_norm,
+    lambda_scheduler,
     peak_memory,
     pick_accelerator,
     progress,
+    start_worker,
+    tensorboard,
     worker_main,
     write_json,
 )
@@ -74,7 +77,7 @@ MERGE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     settings = cfg.sft
     accelerator = pick_accelerator("sft", settings.accelerator, settings.num_gpus, settings.precision)
-    _check_plan(cfg, ctx)
+    check_plan(cfg, "sft", ctx)
     check_launch(settings, "sft")
     base = _base_model(cfg, ctx)
     tokenizer, prompt_format = _tokenizer(cfg, base, ctx.out_dir / "adapter")
@@ -117,17 +120,6 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- preflight
-
-
-def _check_plan(cfg: PipelineConfig, ctx: StageContext) -> None:
-    from pipeline.planner.plan import check_fits
-
-    if ctx.forced:
-        ctx.log.info("--force: the planner's memory check is skipped")
-        return
-    plan = check_fits(cfg, "sft")
-    if plan is not None:
-        ctx.log.info("plan: ~%.1f GiB per GPU on %s, fits", plan.memory.gpu_bytes / 2**30, plan.gpu.name)
 
 
 def _base_model(cfg: PipelineConfig, ctx: StageContext) -> str:
@@ -475,32 +467,21 @@ class _SequenceStream:
 
 class _Worker:
     def __init__(self, job: dict[str, Any]):
-        import torch
-
         self.job = job
         self.s = job["sft"]
         self.out = Path(job["out_dir"])
         self.accelerator = job["accelerator"]
         self.total = int(job["total_steps"])
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(f"cuda:{self.local_rank}" if self.accelerator == "cuda" else "cpu")
+        where = start_worker(job)
+        self.rank, self.world, self.device = where.rank, where.world, where.device
         self.group = self.s["micro_batch_size"] * self.s["grad_accum"] * self.world
         self.schedule = lr_schedule(self.s["lr"], self.s["warmup_steps"], self.total, self.s["min_lr_ratio"])
         self.board = None
 
     def setup(self) -> None:
-        import deepspeed
         import torch
         from transformers import AutoTokenizer
 
-        exit_with_parent(int(self.job["parent_pid"]))
-        if self.accelerator == "cuda":
-            torch.cuda.set_device(self.local_rank)
-        else:
-            torch.set_flush_denormal(True)
-        deepspeed.init_distributed(dist_backend="nccl" if self.accelerator == "cuda" else "gloo")
         torch.manual_seed(self.job["seed"])  # LoRA's A matrices start identical on every rank
         self.tokenizer = AutoTokenizer.from_pretrained(self.job["tokenizer_dir"], local_files_only=True)
         self.stream = _SequenceStream(load_examples(Path(self.job["data"]["train"])), self.s, self.job["seed"],
@@ -514,7 +495,6 @@ class _Worker:
 
     def _engine(self):
         import deepspeed
-        import torch
 
         s = self.s
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -526,11 +506,8 @@ class _Worker:
         # fp32 for DeepSpeed: the trainable parameters are fp32 already and tiny; the frozen base computes in the
         # precision's dtype under autocast. DeepSpeed's bf16 mode would cast the whole module, norms included.
 
-        def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.schedule(step) / s["lr"])
-
         engine, _, _, lr_scheduler = deepspeed.initialize(model=self.model, optimizer=optimizer,
-                                                          lr_scheduler=scheduler, config=config)
+                                                          lr_scheduler=lambda_scheduler(self.schedule, s["lr"]), config=config)
         return engine, lr_scheduler
 
     def _autocast(self):
@@ -670,9 +647,7 @@ class _Worker:
 
     def _writer(self):
         if self.board is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(self.out / "tensorboard"))
+            self.board = tensorboard(self.out)
         return self.board
 
     def _board(self, record: dict[str, Any]) -> None:
