@@ -31,8 +31,9 @@ Differences from the harness:
 * No truncation: every sequence must fit the model's context (JGLUE questions with a few shots do).
 * A continuation with no token of its own (it merged entirely into the context) is an error here; the
   harness would score it 0, i.e. as the most likely choice.
-Requests are batched longest first, right-padded, one forward pass per batch under `torch.inference_mode`,
-logits kept only for the continuation positions (`logits_to_keep`), log-softmax in float32, sums in float64.
+Requests are batched longest first, right-padded, one forward pass per batch without gradients
+(`eval.perplexity.score_tails`), logits kept only for the continuation positions (`logits_to_keep`),
+log-softmax in float32, sums in float64.
 """
 
 from __future__ import annotations
@@ -46,11 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from tqdm import tqdm
-
 from data.assets import stored_path
-from eval.perplexity import accepts_logits_to_keep, start_token_id, tail_nats, vocab_rows
+from eval.perplexity import score_tails, start_token_id, vocab_rows
 from pipeline.errors import JpadaptError
 
 # z for a two-sided 95% interval: the 0.975 quantile of the standard normal.
@@ -194,23 +192,8 @@ def score_items(
                 f"item {items[r.item].id}: the tokenizer gives id {max(r.ids)} but the model has only {vocab} "
                 "embedding rows (is this the model's tokenizer?)"
             )
-    # Longest first: little padding per batch, and a batch too large for memory fails at once.
-    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].ids), i))
-    loglik = [0.0] * len(requests)
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    keep_logits = accepts_logits_to_keep(model)
-    try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(order), batch_size), desc=desc or "jglue", unit="batch"):
-                chunk = order[start : start + batch_size]
-                batch = [requests[i] for i in chunk]
-                for i, value in zip(chunk, _forward(model, batch, device, keep_logits)):
-                    loglik[i] = value
-    finally:
-        model.train(was_training)
+    nats = score_tails(model, [r.ids for r in requests], [r.scored for r in requests], batch_size, desc or "jglue")
+    loglik = [-value for value in nats]
     return _collect(items, requests, loglik)
 
 
@@ -244,12 +227,6 @@ def _split_whitespace(context: str, continuation: str) -> tuple[str, str]:
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     # verbose=False: a few-shot prompt may pass the tokenizer's model_max_length, which is the caller's choice.
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-
-
-def _forward(model: Any, batch: list[_Request], device: torch.device, keep_logits: bool) -> list[float]:
-    """Summed log-likelihood of the continuation of each request in `batch`."""
-    nats = tail_nats(model, [r.ids for r in batch], [r.scored for r in batch], device, keep_logits)
-    return [-value for value in nats]
 
 
 def _collect(items: list[Item], requests: list[_Request], loglik: list[float]) -> list[ChoiceScores]:

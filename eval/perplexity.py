@@ -151,23 +151,8 @@ def bits_per_byte(
                 "(is this the model's tokenizer?)"
             )
     spans = [Window(d, b, e, s) for d, ids in enumerate(docs) for b, e, s in windows(len(ids), window, stride)]
-    # Longest first: little padding in each batch, and the first batch shows at once if memory is short.
-    order = sorted(range(len(spans)), key=lambda i: (-(spans[i].end - spans[i].begin), i))
-    nats = [0.0] * len(spans)
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    keep_logits = accepts_logits_to_keep(model)
-    try:
-        with torch.no_grad():
-            batches = range(0, len(order), batch_size)
-            for start in tqdm(batches, desc="bits/byte", unit="batch", disable=not progress):
-                batch = [spans[i] for i in order[start : start + batch_size]]
-                for i, value in zip(order[start : start + batch_size], _score(model, docs, batch, device, keep_logits)):
-                    nats[i] = value
-    finally:
-        model.train(was_training)
+    rows = [docs[w.doc][w.begin : w.end] for w in spans]
+    nats = score_tails(model, rows, [w.scored for w in spans], batch_size, "bits/byte", progress)
     return LossResult(tokens=sum(w.scored for w in spans), bytes=total_bytes, nats=math.fsum(nats))
 
 
@@ -195,12 +180,27 @@ def vocab_rows(model: Any) -> int:
     return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
-def _score(
-    model: Any, docs: list[list[int]], batch: list[Window], device: torch.device, keep_logits: bool
-) -> list[float]:
-    """Summed NLL (nats) of the scored tail of each window in `batch`."""
-    rows = [docs[w.doc][w.begin : w.end] for w in batch]
-    return tail_nats(model, rows, [w.scored for w in batch], device, keep_logits)
+def score_tails(model: Any, rows: list[list[int]], scored: list[int], batch_size: int, desc: str,
+                progress: bool = True) -> list[float]:
+    """`tail_nats` of every row, in batches of `batch_size` rows taken longest first (little padding in each
+    batch, and the first batch shows at once if memory is short), in eval mode without gradients; the model's
+    train/eval mode is restored afterwards. Results are in the order of `rows`."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    nats = [0.0] * len(rows)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    keep_logits = accepts_logits_to_keep(model)
+    try:
+        with torch.no_grad():  # not inference_mode: cpt scores its live (ZeRO-3) engine between steps
+            for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+                chunk = order[start : start + batch_size]
+                values = tail_nats(model, [rows[i] for i in chunk], [scored[i] for i in chunk], device, keep_logits)
+                for i, value in zip(chunk, values):
+                    nats[i] = value
+    finally:
+        model.train(was_training)
+    return nats
 
 
 def tail_nats(model: Any, rows: list[list[int]], scored: list[int], device: torch.device,
