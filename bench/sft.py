@@ -237,7 +237,7 @@ def run_baseline(work: Path, folder: Path, arrays: Path, args: argparse.Namespac
 
 def baseline_main(job: dict[str, Any]) -> None:
     """Plain Trainer + PEFT QLoRA with library defaults wherever the shared settings do not say otherwise.
-    bitsandbytes' CPU inference repacking (which stages.sft.plain_4bit_kernels turns off) is left as it is: it
+    bitsandbytes' CPU inference repacking (which eval.models.plain_4bit_kernels turns off) is left as it is: it
     only acts in eval mode without gradients, and this side never leaves training mode."""
     import torch
     from datasets import Dataset

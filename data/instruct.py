@@ -84,13 +84,20 @@ def read_conversations(patterns: list[str], key: str, input_marker: str) -> list
 
 
 def _file_conversations(path: Path, input_marker: str) -> Iterator[Conversation]:
+    for where, record in jsonl_records(path):
+        yield _conversation(record, where, input_marker)
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """("file:line", parsed record) for every non-blank line of a JSONL file (also .gz, .xz); a line that is not
+    UTF-8 or not JSON raises JpadaptError naming file:line."""
     name = display_path(path)
     _, compression = detect_format(path, "jsonl")
     with _open_binary(path, name, compression) as stream:
         for lineno, raw in _numbered_lines(stream, name):
             if raw.strip():
                 where = f"{name}:{lineno}"
-                yield _conversation(_parse(raw, where), where, input_marker)
+                yield where, _parse(raw, where)
 
 
 def _parse(raw: bytes, where: str) -> Any:
@@ -131,11 +138,16 @@ def _instruction_conversation(record: dict[str, Any], where: str, input_marker: 
     output = _string(record["output"], '"output"', where, required=True)
     # null is how many exporters (pandas, datasets) write a missing input.
     context = _string(record.get("input") or "", '"input"', where, required=False)
-    user = instruction
-    if context:
-        user = f"{instruction}\n\n{input_marker}\n{context}" if input_marker else f"{instruction}\n\n{context}"
-    messages = ({"role": "user", "content": user}, {"role": "assistant", "content": output})
+    messages = ({"role": "user", "content": user_message(instruction, context, input_marker)},
+                {"role": "assistant", "content": output})
     return Conversation(messages=messages, where=where, reference=output, instruction=instruction, input=context)
+
+
+def user_message(instruction: str, context: str, input_marker: str) -> str:
+    """An instruction record's user turn: the instruction, then its input (if any) after the input marker."""
+    if not context:
+        return instruction
+    return f"{instruction}\n\n{input_marker}\n{context}" if input_marker else f"{instruction}\n\n{context}"
 
 
 def _chat_conversation(raw_messages: Any, where: str) -> Conversation:

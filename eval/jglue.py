@@ -103,16 +103,22 @@ def load_task(name: str, split: str = "valid") -> list[Item]:
     parse = _PARSERS.get(name)
     if parse is None:
         raise JpadaptError(f"unknown JGLUE task {name!r}; known: {', '.join(sorted(_PARSERS))}")
-    asset = _FILES.get((name, split))
-    if asset is None:
-        known = ", ".join(s for t, s in _FILES if t == name)
-        raise JpadaptError(f"JGLUE task {name!r} has no bundled {split!r} split; bundled: {known}")
-    path = stored_path(asset)
+    path = stored_path(task_asset(name, split))
     with lzma.open(path, "rt", encoding="utf-8") as f:
         try:
             return [parse(json.loads(line)) for line in f if line.strip()]
         except (ValueError, KeyError) as exc:
             raise JpadaptError(f"{path}: not a {name} record ({exc!r})") from exc
+
+
+def task_asset(name: str, split: str) -> str:
+    """The bundled asset name of a task's split."""
+    _check_task(name)
+    asset = _FILES.get((name, split))
+    if asset is None:
+        known = ", ".join(s for t, s in _FILES if t == name)
+        raise JpadaptError(f"JGLUE task {name!r} has no bundled {split!r} split; bundled: {known}")
+    return asset
 
 
 def _commonsenseqa_item(record: dict[str, Any]) -> Item:
@@ -176,11 +182,13 @@ class _Request:
 
 
 def score_items(
-    model: Any, tokenizer: Any, items: list[Item], prefix: str = "", batch_size: int = 8, desc: str = ""
+    model: Any, tokenizer: Any, items: list[Item], prefix: str = "", batch_size: int = 8, desc: str = "",
+    max_length: int | None = None, progress: bool = True,
 ) -> list[ChoiceScores]:
     """Log-likelihood of every choice of every item after `prefix + item.context` (module docstring).
 
     The model is run in eval mode (its train/eval mode restored afterwards) on the device of its parameters.
+    `max_length`: the model's positions; a longer request is an error (no truncation, as documented above).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -192,9 +200,20 @@ def score_items(
                 f"item {items[r.item].id}: the tokenizer gives id {max(r.ids)} but the model has only {vocab} "
                 "embedding rows (is this the model's tokenizer?)"
             )
-    nats = score_tails(model, [r.ids for r in requests], [r.scored for r in requests], batch_size, desc or "jglue")
+        if max_length is not None and len(r.ids) > max_length:
+            raise JpadaptError(
+                f"item {items[r.item].id}: {len(r.ids)} tokens with its prompt and few-shot examples, more than the "
+                f"model's {max_length} positions (use fewer few-shot examples)"
+            )
+    nats = score_tails(model, [r.ids for r in requests], [r.scored for r in requests], batch_size, desc or "jglue",
+                       progress)
     loglik = [-value for value in nats]
     return _collect(items, requests, loglik)
+
+
+def longest_request(tokenizer: Any, items: list[Item], prefix: str = "") -> tuple[int, str]:
+    """(tokens, item id) of the longest sequence `score_items` would run: to check a model's context first."""
+    return max(((len(r.ids), items[r.item].id) for r in _requests(tokenizer, items, prefix)), default=(0, ""))
 
 
 def _requests(tokenizer: Any, items: list[Item], prefix: str) -> list[_Request]:

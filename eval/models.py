@@ -201,3 +201,45 @@ def _unknown_type(model_type: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4-bit bases (QLoRA): sft trains on them, evaluate scores the adapter on them as it was trained
+
+
+def nf4_quantization(compute: torch.dtype) -> Any:
+    """QLoRA's 4-bit storage: NF4 with double quantization (the quantization constants quantized too)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def plain_4bit_kernels(model: Any) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into a CPU inference layout the first time
+    it runs in eval mode without gradients, and packs it back when the state dict is read; the round trip is not
+    bit-exact, so a model that alternates training, evaluation and saving drifts from its own saved base
+    (measured: logits 1.5e-3 apart after one step). Keeping the standard layout makes CPU runs compute what GPU
+    runs compute: dequantize, then matmul in the compute dtype."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_frozen_base(folder: str, quantization: str, dtype: str, device: Any, trust_remote_code: bool) -> Any:
+    """The base an adapter was trained on, as sft loaded it: 4-bit NF4 (`quantization` "nf4") with its
+    embedding and output layers in the compute `dtype` ("float32" or "bfloat16"), or plain in that dtype."""
+    compute = DTYPES[dtype]
+    kwargs: dict[str, Any] = {"dtype": compute, "local_files_only": True, "use_safetensors": True,
+                              "trust_remote_code": trust_remote_code}
+    if quantization != "nf4":
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4_quantization(compute),
+                                                 device_map={"": device}, **kwargs)
+    plain_4bit_kernels(model)
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is not None:
+            layer.to(compute)
+    return model

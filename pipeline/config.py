@@ -305,19 +305,37 @@ class SftConfig(StageSection):
 
 
 class EvaluateConfig(StageSection):
-    extra_models: list[str] = Field(default_factory=list, description="More HF folders to put in the table.")
-    max_documents: int | None = Field(None, gt=0, description="Held-out documents used for perplexity.")
-    window: int = Field(1024, ge=8, description="Sliding-window length for long documents.")
-    stride: int = Field(512, ge=1)
+    """Every model the run produced (base, extend-vocab, cpt, sft adapter) plus `extra_models`, side by side:
+    held-out bits per byte, JGLUE accuracy and greedy generations."""
+
+    extra_models: list[str] = Field(default_factory=list, description="More local HF folders to put in the table.")
+    max_documents: int | None = Field(None, gt=0, description="Held-out documents per language for bits per byte.")
+    max_chars: int | None = Field(200_000, gt=0, description="Held-out characters per language (the last "
+                                  "document is cut to fit); null: all.")
+    window: int = Field(1024, ge=8, description="Sliding-window length for long documents (capped at the "
+                        "model's positions).")
+    stride: int = Field(512, ge=1, description="Tokens scored per window after the first.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     tasks: list[Literal["jcommonsenseqa", "jnli"]] = Field(default_factory=lambda: ["jcommonsenseqa", "jnli"])
-    num_fewshot: list[int] = Field(default_factory=lambda: [0])
+    num_fewshot: list[int] = Field(default_factory=lambda: [0], description="Solved examples before each "
+                                   "question; one evaluation per entry.")
     limit: int | None = Field(None, gt=0, description="Score only the first N items of each task.")
+    prompts: list[str] = Field(default_factory=lambda: ["bundled:eval/prompts.jsonl"],
+                               description="JSONL prompts for greedy generations; [] for none.")
     max_new_tokens: int = Field(64, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: each folder's own dtype.")
+    accelerator: Literal["auto", "cuda", "cpu"] = "auto"
 
     @model_validator(mode="after")
     def _stride(self) -> EvaluateConfig:
         if self.stride > self.window:
             raise ValueError(f"stride ({self.stride}) is larger than window ({self.window})")
+        if any(k < 0 for k in self.num_fewshot):
+            raise ValueError(f"num_fewshot entries must be 0 or more, got {self.num_fewshot}")
+        if len(set(self.num_fewshot)) != len(self.num_fewshot):
+            raise ValueError(f"num_fewshot lists a value twice: {self.num_fewshot}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks lists a task twice: {self.tasks}")
         return self
 
 

@@ -6,7 +6,7 @@ and a package that imported its own submodules would load that module twice (and
 
 from importlib import import_module
 
-ORDER = ("prepare", "extend_vocab", "tokenizer_report", "plan", "cpt", "sft")
+ORDER = ("prepare", "extend_vocab", "tokenizer_report", "plan", "cpt", "sft", "evaluate")
 
 
 def stage_specs() -> list:

@@ -325,16 +325,16 @@ def build_model(base: str, settings: dict[str, Any], target_modules: list[str], 
     only, never the whole embedding matrix). Trainable parameters are fp32; the compute dtype is the precision's."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from eval.models import nf4_quantization, plain_4bit_kernels
 
     compute = getattr(torch, DTYPES[settings["precision"]])
     checkpointing = settings["gradient_checkpointing"]
     common = {"dtype": compute, "local_files_only": True, "use_safetensors": True,
               "trust_remote_code": trust_remote_code}
     if settings["quantization"] == "nf4":
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization,
+        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4_quantization(compute),
                                                      device_map={"": device}, **common)
         plain_4bit_kernels(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
@@ -361,19 +361,6 @@ def build_model(base: str, settings: dict[str, Any], target_modules: list[str], 
             param.data = param.data.float()  # fp32 master copies: the optimizer steps these directly
     # from_pretrained leaves the model in eval mode, where transformers skips gradient checkpointing.
     return peft_model.train()
-
-
-def plain_4bit_kernels(model: Any) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into a CPU inference layout the first time
-    it runs in eval mode without gradients, and packs it back when the state dict is read; the round trip is not
-    bit-exact, so a model that alternates training, evaluation and saving drifts from its own saved base
-    (measured: logits 1.5e-3 apart after one step). Keeping the standard layout makes CPU runs compute what GPU
-    runs compute: dequantize, then matmul in the compute dtype."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def response_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
@@ -706,8 +693,11 @@ class _Worker:
         """Reload base + adapter from disk the way a user would and compare logits with the trained model's."""
         from peft import PeftModel
 
+        from eval.models import load_frozen_base
+
         expected = self._logits(self.engine.module)
-        base = _load_base(self.job["base_model"], self.s, self.device, self.job["trust_remote_code"])
+        base = load_frozen_base(self.job["base_model"], self.s["quantization"], DTYPES[self.s["precision"]],
+                                self.device, self.job["trust_remote_code"])
         reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
         diff = float((self._logits(reloaded) - expected).abs().max())
         del reloaded, base
@@ -757,8 +747,11 @@ class _Worker:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
+        from eval.models import load_frozen_base
+
         expected = self._logits(self.engine.module)
-        base = _load_base(self.job["base_model"], self.s, self.device, self.job["trust_remote_code"])
+        base = load_frozen_base(self.job["base_model"], self.s["quantization"], DTYPES[self.s["precision"]],
+                                self.device, self.job["trust_remote_code"])
         if self.s["quantization"] == "nf4":
             base = base.dequantize()
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -829,28 +822,6 @@ def _optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> Any:
 
     kind = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return kind(groups, lr=lr)
-
-
-def _load_base(base: str, settings: dict[str, Any], device: Any, trust_remote_code: bool) -> Any:
-    """The frozen base as training loaded it (4-bit or not), without LoRA."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    compute = getattr(torch, DTYPES[settings["precision"]])
-    kwargs: dict[str, Any] = {"dtype": compute, "local_files_only": True, "use_safetensors": True,
-                              "trust_remote_code": trust_remote_code}
-    if settings["quantization"] == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)
-        kwargs["device_map"] = {"": device}
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-        plain_4bit_kernels(model)
-        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if layer is not None:
-                layer.to(compute)
-        return model
-    return AutoModelForCausalLM.from_pretrained(base, **kwargs).to(device)
 
 
 def _total_params(model: Any) -> int:

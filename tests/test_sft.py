@@ -159,7 +159,7 @@ def test_qlora_adapter_reloads_to_the_same_answers(qlora):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from stages.sft import plain_4bit_kernels
+    from eval.models import plain_4bit_kernels
 
     folder = stage_dir(qlora)
     adapter = folder / "adapter"

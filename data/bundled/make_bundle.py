@@ -88,6 +88,9 @@ PLAN: dict[str, tuple[str, bool, str | None]] = {
 # Copied beside the data, not listed in MANIFEST.json.
 PLAIN_COPIES = {"eval/jglue/LICENSE": "eval/jglue/LICENSE"}
 
+# Written for jpadapt and kept in the bundle folder itself; listed in MANIFEST.json as they are.
+OWN_FILES = ["eval/prompts.jsonl"]
+
 HAND_MAINTAINED = [
     "SOURCES.md",
     "tokenizers/llama2/NOTICE", "tokenizers/llama2/LICENSE",
@@ -200,6 +203,9 @@ def main() -> int:
         print(f"| {name} | {len(data)} | {sha256(data)} | {stored} | {len(blob)} | {sha256(blob)} |")
     for dst, rel in PLAIN_COPIES.items():
         shutil.copyfile(src / rel, OUT / dst)
+    for name in OWN_FILES:
+        data = (OUT / name).read_bytes()
+        manifest[name] = {"sha256": sha256(data), "bytes": len(data), "stored": name}
 
     text = json.dumps({"files": manifest}, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
     (OUT / "MANIFEST.json").write_text(text, encoding="utf-8")
