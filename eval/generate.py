@@ -121,7 +121,7 @@ def greedy_outputs(model: Any, tokenizer: Any, prompts: list[Prompt], texts: lis
             input_ids = torch.tensor([ids], device=device)
             with torch.inference_mode():
                 generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                           do_sample=False, max_new_tokens=max_new_tokens,
+                                           do_sample=False, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True)
             new = generated[0, input_ids.shape[1]:].tolist()
             outputs.append(tokenizer.decode(new, skip_special_tokens=True).strip())

@@ -86,7 +86,8 @@ def stage_setups(cfg: PipelineConfig) -> dict[str, tuple[Setup, int | None, int]
                   if s.max_steps else None)
         setups["sft"] = (setup, tokens, s.num_nodes)
     if cfg.enabled("evaluate"):
-        setups["evaluate"] = (Setup(method="inference", micro_batch=1, seq_len=cfg.evaluate.window), None, 1)
+        setups["evaluate"] = (Setup(method="inference", micro_batch=cfg.evaluate.batch_size,
+                                    seq_len=cfg.evaluate.window), None, 1)
     return setups
 
 
