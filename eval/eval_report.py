@@ -2,7 +2,7 @@
 
     write_report(stage_dir)     # reads results.json, predictions.jsonl, generations.jsonl; writes report.md,
                                 # report.html, bits_per_byte.png and jglue.png
-    build_blocks(stage_dir)     # the same content as blocks, for the run report (eval.run_report)
+    stage_blocks(stage_dir)     # the same content as blocks + plot files, for the run report
 
 results.json layout (written by stages/evaluate.py):
     {"settings": {evaluate section, "seed", "device"},
@@ -68,45 +68,31 @@ HARNESS_NOTES = [
 
 
 def write_report(stage_dir: Path) -> None:
-    results = _results(stage_dir)
-    bpb, jglue = plot_bits_per_byte(results), plot_jglue(results)
-    for name, plot in ((BPB_PLOT, bpb), (JGLUE_PLOT, jglue)):
-        if plot is not None:
-            (stage_dir / name).write_bytes(plot.png)
-    blocks = _blocks(results, read_jsonl(stage_dir / "generations.jsonl"), bpb, jglue, level=1)
-    files = {id(plot): name for name, plot in ((BPB_PLOT, bpb), (JGLUE_PLOT, jglue)) if plot is not None}
+    blocks, files = stage_blocks(stage_dir)
+    for block in blocks:
+        if isinstance(block, Plot):
+            (stage_dir / files[id(block)]).write_bytes(block.png)
     with (stage_dir / "report.md").open("w", encoding="utf-8", newline="") as f:
-        f.write(markdown_with_images(blocks, files))
+        f.write(render_markdown(blocks, files))
     with (stage_dir / "report.html").open("w", encoding="utf-8", newline="") as f:
         f.write(render_html(blocks, TITLE))
 
 
-def markdown_with_images(blocks: list, files: dict[int, str]) -> str:
-    """render_markdown leaves plots to the HTML; here each plot whose id() is in `files` becomes a link to that
-    PNG (beside report.md) where it stands."""
-    parts, segment = [], []
-    for block in blocks:
-        if isinstance(block, Plot) and id(block) in files:
-            parts += [render_markdown(segment), f"\n![{block.alt}]({files[id(block)]})\n\n"]
-            segment = []
-        else:
-            segment.append(block)
-    return "".join([*parts, render_markdown(segment)])
-
-
-def build_blocks(stage_dir: Path, level: int = 1) -> list:
-    """The report's blocks with its title at heading `level` (the run report nests it at 2)."""
+def stage_blocks(stage_dir: Path) -> tuple[list, dict[int, str]]:
+    """The report's blocks (title at level 1), and each plot's PNG file name by id(plot), from the stage's files."""
     results = _results(stage_dir)
-    return _blocks(results, read_jsonl(stage_dir / "generations.jsonl"), plot_bits_per_byte(results),
-                   plot_jglue(results), level)
+    bpb, jglue = plot_bits_per_byte(results), plot_jglue(results)
+    files = {id(plot): name for name, plot in ((BPB_PLOT, bpb), (JGLUE_PLOT, jglue)) if plot is not None}
+    return _blocks(results, read_jsonl(stage_dir / "generations.jsonl"), bpb, jglue), files
 
 
 def _results(stage_dir: Path) -> dict[str, Any]:
     return json.loads((stage_dir / "results.json").read_text(encoding="utf-8"))
 
 
-def _blocks(results: dict[str, Any], generations: list[dict[str, Any]], bpb: Plot | None, jglue: Plot | None,
-            level: int) -> list:
+def _blocks(results: dict[str, Any], generations: list[dict[str, Any]], bpb: Plot | None,
+            jglue: Plot | None) -> list:
+    level = 1
     blocks: list = [Heading(TITLE, level), Bullets(model_lines(results))]
     changes = change_lines(results)
     if changes:

@@ -2,6 +2,7 @@
 
     write_report(stage_dir)     # reads summary.json, forgetting.jsonl, metrics.jsonl; writes report.md,
                                 # report.html and forgetting.png
+    stage_blocks(stage_dir)     # the same blocks, for the run report (eval/run_report.py)
 
 Every number printed comes from those three files, so a test can recompute the report from the run directory.
 Bits per byte is the headline (comparable across vocabularies); loss per token is shown beside it.
@@ -31,14 +32,24 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_report(stage_dir: Path) -> None:
+def read_outputs(stage_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """summary.json, forgetting.jsonl and metrics.jsonl of a cpt stage folder."""
     summary = json.loads((stage_dir / "summary.json").read_text(encoding="utf-8"))
-    evals = read_jsonl(stage_dir / "forgetting.jsonl")
-    steps = read_jsonl(stage_dir / "metrics.jsonl")
+    return summary, read_jsonl(stage_dir / "forgetting.jsonl"), read_jsonl(stage_dir / "metrics.jsonl")
+
+
+def stage_blocks(stage_dir: Path) -> list:
+    """The report's blocks (plot included) from a cpt stage folder: what the run report shows for cpt."""
+    summary, evals, steps = read_outputs(stage_dir)
+    return build_blocks(summary, evals, steps, plot_curves(evals, steps))
+
+
+def write_report(stage_dir: Path) -> None:
+    summary, evals, steps = read_outputs(stage_dir)
     plot = plot_curves(evals, steps)
     (stage_dir / PLOT).write_bytes(plot.png)
     blocks = build_blocks(summary, evals, steps, plot)
-    markdown = render_markdown(blocks).replace("\n## Forgetting curve\n", f"\n## Forgetting curve\n\n![{plot.alt}]({PLOT})\n", 1)
+    markdown = render_markdown(blocks, {id(plot): PLOT})
     (stage_dir / "report.md").write_text(markdown, encoding="utf-8")
     (stage_dir / "report.html").write_text(render_html(blocks, "Continued pretraining"), encoding="utf-8")
 

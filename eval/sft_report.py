@@ -2,6 +2,7 @@
 
     write_report(stage_dir)     # reads summary.json, metrics.jsonl, eval.jsonl, generations.jsonl; writes report.md,
                                 # report.html (self-contained, plot inline) and loss.png
+    stage_blocks(stage_dir)     # the same blocks, for the run report (eval/run_report.py)
 
 Every number printed comes from those four files, so a test can recompute the report from the run directory.
 eval.jsonl and generations.jsonl may be missing or empty: the report then leaves out what they would have shown.
@@ -35,28 +36,30 @@ PROMPT_FORMATS = {
 }
 
 
-def write_report(stage_dir: Path) -> None:
+def read_outputs(stage_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]],
+                                             list[dict[str, Any]]]:
+    """summary.json, metrics.jsonl, eval.jsonl and generations.jsonl of an sft stage folder."""
     summary = json.loads((stage_dir / "summary.json").read_text(encoding="utf-8"))
-    steps = read_jsonl(stage_dir / "metrics.jsonl")
-    evals = read_jsonl(stage_dir / "eval.jsonl")
-    generations = read_jsonl(stage_dir / "generations.jsonl")
+    return (summary, read_jsonl(stage_dir / "metrics.jsonl"), read_jsonl(stage_dir / "eval.jsonl"),
+            read_jsonl(stage_dir / "generations.jsonl"))
+
+
+def stage_blocks(stage_dir: Path) -> list:
+    """The report's blocks (plot included) from an sft stage folder: what the run report shows for sft."""
+    summary, steps, evals, generations = read_outputs(stage_dir)
+    return build_blocks(summary, steps, evals, generations, plot_loss(steps, evals))
+
+
+def write_report(stage_dir: Path) -> None:
+    summary, steps, evals, generations = read_outputs(stage_dir)
     plot = plot_loss(steps, evals)
     (stage_dir / PLOT).write_bytes(plot.png)
     blocks = build_blocks(summary, steps, evals, generations, plot)
     # newline="" keeps "\n" on every platform, so the files are byte-identical everywhere.
     with (stage_dir / "report.md").open("w", encoding="utf-8", newline="") as f:
-        f.write(markdown_with_image(blocks, plot))
+        f.write(render_markdown(blocks, {id(plot): PLOT}))
     with (stage_dir / "report.html").open("w", encoding="utf-8", newline="") as f:
         f.write(render_html(blocks, title(summary)))
-
-
-def markdown_with_image(blocks: list, plot: Plot) -> str:
-    """render_markdown leaves plots to the HTML; loss.png sits beside report.md, so link it where the plot stands."""
-    at = blocks.index(plot)
-    return render_markdown(blocks[:at]) + f"\n![{plot.alt}]({PLOT})\n\n" + render_markdown(blocks[at + 1:])
-
-
-# ---------------------------------------------------------------------------------------------- content
 
 
 def title(summary: dict[str, Any]) -> str:

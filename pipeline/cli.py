@@ -4,6 +4,9 @@
     jpadapt STAGE [CONFIG] [key=value ...] [--only] [--force]
     jpadapt status [CONFIG] [key=value ...]            up to date / stale (why) / never run / incomplete
     jpadapt validate [CONFIG] [key=value ...]          check a YAML without running anything
+    jpadapt report [CONFIG] [key=value ...]            the run report: runs/<name>/report.md and report.html
+
+After `run` or a stage command that ran something, the run report is rewritten.
 
 Without CONFIG the bundled demo pipeline is used. Exit codes: 0 success, 1 a stage crashed (a bug: see its
 log), 2 bad input or configuration, 130 interrupted.
@@ -48,6 +51,19 @@ def _load(args: argparse.Namespace) -> tuple[PipelineConfig, Path]:
 
 
 # ------------------------------------------------------------------------------------ commands
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the run report (report.md, report.html at the top of the run directory) from its committed stages."""
+    cfg, _ = _load(args)
+    root = Pipeline(cfg).rundir.root
+    from eval.run_report import committed_stages, write_run_report
+
+    if not committed_stages(root):
+        raise JpadaptError(f"{root}: no committed stage to report on yet (run `jpadapt run` first)")
+    for path in write_run_report(root):
+        print(path)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -276,10 +292,27 @@ def _status_detail(pipeline: Pipeline, name: str, state: str) -> str:
 
 
 def _finish(pipeline: Pipeline, ran: bool) -> None:
+    root = pipeline.rundir.root
     if not ran:
-        print(f"Nothing to do: every stage asked for is {UP_TO_DATE} ({pipeline.rundir.root}).")
+        print(f"Nothing to do: every stage asked for is {UP_TO_DATE} ({root}).")
     else:
-        print(f"Outputs in {pipeline.rundir.root}")
+        print(f"Outputs in {root}")
+    if ran or not (root / "report.html").is_file():
+        _write_run_report(root)
+
+
+def _write_run_report(root: Path) -> None:
+    """Rewrite the run report after stages ran. The stages' work is committed by now, so a report that cannot be
+    written is a warning, not a failed command."""
+    try:
+        from eval.run_report import write_run_report
+
+        paths = write_run_report(root)
+    except Exception as exc:  # noqa: BLE001 - whatever fails here, the stages' work stands
+        detail = str(exc) if isinstance(exc, JpadaptError) else f"{type(exc).__name__}: {exc}"
+        print(f"warning: run report not written: {detail}", file=sys.stderr)
+        return
+    print(f"Run report: {paths[-1]}")
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -307,6 +340,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     validate = sub.add_parser("validate", help="check a pipeline YAML without running anything")
     _add_common(validate)
     commands["validate"] = cmd_validate
+
+    report = sub.add_parser("report", help="write the run report (report.md, report.html) from the committed stages")
+    _add_common(report)
+    commands["report"] = cmd_report
 
     compare = sub.add_parser(
         "compare-tokenizers", help="compare tokenizers on any Japanese (or other) corpus; no YAML needed",
@@ -342,11 +379,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 
 
 def _unknown_command(name: str, commands: dict) -> str:
-    from pipeline.config import STAGE_SECTIONS
+    import difflib
 
-    if name.replace("-", "_") in STAGE_SECTIONS:
-        return f"stage {name!r} is not available in jpadapt {__version__} yet (commands: {', '.join(commands)})"
-    return f"unknown command {name!r} (commands: {', '.join(commands)})"
+    close = difflib.get_close_matches(name, list(commands), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown command {name!r} ({hint}commands: {', '.join(commands)})"
 
 
 def _terminate(signum: int, frame: object) -> None:

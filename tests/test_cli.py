@@ -82,7 +82,7 @@ def test_listing_stages_does_not_import_torch() -> None:
     [
         (["run", "nope.yaml"], ["nope.yaml: config file not found"]),
         (["frobnicate"], ["unknown command 'frobnicate'", "prepare"]),
-        (["evaluat"], ["unknown command 'evaluat'", "evaluate"]),
+        (["evaluat"], ["unknown command 'evaluat' (did you mean evaluate?"]),
         (["run", "a.yaml", "b.yaml"], ["at most one config file"]),
         (["status", "prepare.min_chars=abc"], ["override 'prepare.min_chars=abc'", "must be a valid integer"]),
         (["prepare", "--bogus"], ["unrecognized arguments: --bogus"]),

@@ -13,8 +13,6 @@ import csv
 import io
 import json
 import re
-import shutil
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -23,12 +21,12 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import JpadaptError
+from tests.helpers.browser import dump_dom, run_chromium
 from tokenizer import report
 from tokenizer.report import write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer_metrics.json"
 IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"([^>]*)>')
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def load_fixture() -> dict:
@@ -333,20 +331,6 @@ def test_bad_layout_is_a_clear_error(metrics, tmp_path, mutate, message):
 # ------------------------------------------------------------------------------------------------------------
 # Headless browser
 # ------------------------------------------------------------------------------------------------------------
-
-def run_chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("chromium not installed (CI: apt-get update && apt-get install -y chromium)")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={profile}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
-
-
-def dump_dom(html_path: Path, profile: Path) -> subprocess.CompletedProcess:
-    return run_chromium(["--virtual-time-budget=5000", "--run-all-compositor-stages-before-draw",
-                         "--enable-logging=stderr", "--v=0", "--dump-dom", html_path.as_uri()], profile)
-
 
 def test_browser_loads_every_plot_and_logs_no_console_errors(written, tmp_path):
     result = dump_dom(written["report.html"], tmp_path / "profile")

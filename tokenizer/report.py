@@ -875,10 +875,14 @@ def _md_table(table: Table) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(blocks: list[Block]) -> str:
+def render_markdown(blocks: list[Block], images: dict[int, str] | None = None) -> str:
+    """Markdown of the blocks. Plots are left to the HTML, except those whose id() is in `images`: they become
+    links to that PNG file (a path relative to the Markdown file)."""
     parts = []
     for block in blocks:
-        if isinstance(block, Heading):
+        if isinstance(block, Plot) and images and id(block) in images:
+            parts.append(f"![{block.alt}]({images[id(block)]})")
+        elif isinstance(block, Heading):
             parts.append("#" * block.level + " " + block.text)
         elif isinstance(block, Paragraph):
             parts.append(block.text)
