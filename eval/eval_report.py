@@ -49,7 +49,7 @@ KIND_NOTES = {
     "base": "the model before any training",
     "extended": "extend-vocab output: new token rows initialized, not trained",
     "cpt": "continued-pretraining output",
-    "sft": "sft: the base it was tuned on + the LoRA adapter",
+    "sft": "the base it was tuned on + the LoRA adapter",
     "extra": "extra folder from evaluate.extra_models",
 }
 PROMPT_CHARS = 80

@@ -77,6 +77,8 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
                            + [f"{t.task} {t.shots}-shot ({len(t.items)} items)" for t in tasks]
                            + ([f"{len(prompts)} prompts"] if prompts else [])))
     results = _empty_results(settings, ctx.seed, device, heldout, tasks, entries)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     predictions: list[dict[str, Any]] = []
     outputs: dict[str, list[str]] = {}
     for entry in entries:
@@ -87,6 +89,12 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         predictions += preds
         outputs[entry.name] = answers
     _write_outputs(ctx.out_dir, results, predictions, prompts, outputs)
+    if device.type == "cuda":
+        # What the plan's evaluate estimate is compared with in the run report. On a CPU the process's max RSS
+        # would include every stage that ran before in the same process, so nothing is recorded there.
+        peak = {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "torch.cuda.max_memory_allocated"}
+        (ctx.out_dir / "summary.json").write_text(json.dumps({"peak_memory": peak, "accelerator": "cuda",
+                                                              "world_size": 1}, indent=1) + "\n", encoding="utf-8")
 
     from eval.eval_report import write_report
 
