@@ -1,18 +1,21 @@
 """The evaluate stage on a real pretrained model (opt-in: `pytest -m slow tests/test_evaluate_gemma.py`).
 
-Gemma 3 270M (`tests/helpers/gemma.py`) as `model.path`, the bundled corpora through `prepare`, then `jpadapt
-evaluate` on the CPU: 20,000 held-out characters per language (window 1024, stride 512), the first 200
-JCommonsenseQA and JNLI questions at 0 and 3 shots, and the bundled prompts. About 4 minutes on 2 CPU cores.
+Gemma 3 270M (`tests/helpers/gemma.py`) as `model.path`, the bundled corpora through `prepare` (near dedup off),
+then `jpadapt evaluate` on the CPU: 10,000 held-out characters per language (window 1024, stride 512), the first
+200 JCommonsenseQA and JNLI questions at 0 and 3 shots, the bundled prompts (16 new tokens). 4.7 min on 2 CPU
+cores (the stage: 41 s bits per byte, 211 s JGLUE, 9 s generations).
 
-What is asserted is what a broken scorer, prompt, tokenizer or loader would change, each checked against this
-model with a margin (bench/results/evaluate-gemma-cpu.md has the full-split figures):
-* JCommonsenseQA acc_norm is above chance (0.2) at 0 and 3 shots by its whole 95% interval (measured: ~0.4,
-  interval low end ~0.34);
-* Japanese and English bits per byte lie in 0.5-3 (measured: JA ~1.2, EN ~1.2), and agree with the stored
+Asserted, each checked against this model with a margin (bench/results/evaluate-gemma-cpu.md has the figures on
+the full valid splits):
+* JCommonsenseQA acc_norm is above chance (0.2) at 0 and 3 shots by its whole 95% interval (measured: 0.430
+  and 0.440, interval low ends 0.363 and 0.373);
+* Japanese and English bits per byte lie in 0.5-3 (measured: JA 1.184, EN 1.159) and agree with the stored
   nats, bytes and tokens;
-* every completion prompt gets a non-empty Japanese answer, and "日本の首都は" is answered with 東京;
+* every completion prompt gets an answer with Japanese in it;
 * results.json's accuracies and intervals are recomputed from predictions.jsonl, and the first question's
   choice log-likelihoods equal a plain full-logits forward pass per choice (the harness's way).
+JNLI is not asserted above chance: this model's 0-shot accuracy is near it (0.405 here, 0.424 on the whole split)
+and with these 3 examples it answers 含意 (entailment) to 197 of the 200 questions (0.165).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tests.test_cli import REPO
 
 LIMIT = 200
 SHOTS = (0, 3)
-MAX_CHARS = 20_000
+MAX_CHARS = 10_000
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
 
 
@@ -85,8 +88,8 @@ def test_gemma_evaluate_scores_are_sensible_and_consistent(run, gemma):
 
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
     assert [m["name"] for m in results["models"]] == ["base"]
-    model = results["models"][0]
-    assert (model["dtype"], model["positions"], model["window"], model["stride"]) == ("float32", 32768, 1024, 512)
+    record = results["models"][0]
+    assert (record["dtype"], record["positions"], record["window"], record["stride"]) == ("float32", 32768, 1024, 512)
 
     # Held-out text: a plausible bits per byte, and the figure is the stored totals' (nats / ln 2 / bytes).
     for lang in ("ja", "en"):
@@ -131,13 +134,11 @@ def test_gemma_evaluate_scores_are_sensible_and_consistent(run, gemma):
         acc_norm = scores["jcommonsenseqa"][str(shots)]["acc_norm"]
         assert acc_norm["ci_low"] > baselines["jcommonsenseqa"]["chance"], (shots, acc_norm)
 
-    # Generations: every completion prompt is continued, in Japanese; the capital is Tokyo.
-    generations = {g["id"]: g for g in read_jsonl(run / "generations.jsonl")}
-    completions = [g for g in generations.values() if g["kind"] == "completion"]
+    # Generations: every completion prompt of the bundled file is continued, in Japanese.
+    completions = [g for g in read_jsonl(run / "generations.jsonl") if g["kind"] == "completion"]
     assert len(completions) == 5
     for g in completions:
         assert JAPANESE.search(g["outputs"]["base"]), g
-    assert "東京" in generations["capital"]["outputs"]["base"], generations["capital"]
 
     report = (run / "report.md").read_text(encoding="utf-8")
     assert f"{results['lm']['base']['ja']['bits_per_byte']:.4f}" in report
