@@ -182,10 +182,13 @@ def vocab_rows(model: Any) -> int:
 
 def score_tails(model: Any, rows: list[list[int]], scored: list[int], batch_size: int, desc: str,
                 progress: bool = True) -> list[float]:
-    """`tail_nats` of every row, in batches of `batch_size` rows taken longest first (little padding in each
-    batch, and the first batch shows at once if memory is short), in eval mode without gradients; the model's
+    """`tail_nats` of every row, in batches of `batch_size` rows taken longest first, most-scored first among
+    equal lengths (little padding and few kept logits in each batch; the first batch shows at once if memory is
+    short), in eval mode without gradients; the model's
     train/eval mode is restored afterwards. Results are in the order of `rows`."""
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    # Longest first, and among equal lengths most-scored first: a first window (all positions scored) and a
+    # later one (only its stride scored) in one batch would make the whole batch keep every position's logits.
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), -scored[i], i))
     nats = [0.0] * len(rows)
     was_training = model.training
     model.eval()
