@@ -67,7 +67,7 @@ def jsonl(path: Path) -> list[dict]:
 
 def test_manifest_lists_stored_files_and_bundle_is_small() -> None:
     files = manifest()
-    assert assets.bundled_names() == sorted(files) and len(files) == 17
+    assert assets.bundled_names() == sorted(files) and len(files) == 18  # + eval/prompts.jsonl
     for name, entry in files.items():
         assert entry["stored"] in (name, name + ".xz")
         assert assets.stored_path(name) == BUNDLE / entry["stored"]
