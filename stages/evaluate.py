@@ -440,9 +440,11 @@ def _write_outputs(out: Path, results: dict[str, Any], predictions: list[dict[st
 
 def _summary(results: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {"models": ", ".join(m["name"] for m in results["models"])}
-    for name, per_lang in results["lm"].items():
-        for lang, result in per_lang.items():
-            summary[f"{name}_{lang}_bpb"] = round(result["bits_per_byte"], 4)
+    for lang in LANGS:
+        values = [f"{name} {per_lang[lang]['bits_per_byte']:.4f}" for name, per_lang in results["lm"].items()
+                  if lang in per_lang]
+        if values:
+            summary[f"{lang} bits/byte"] = ", ".join(values)
     return summary
 
 
