@@ -76,7 +76,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
                  ", ".join([f"{lang} held-out ({len(texts)} documents)" for lang, texts in heldout.items()]
                            + [f"{t.task} {t.shots}-shot ({len(t.items)} items)" for t in tasks]
                            + ([f"{len(prompts)} prompts"] if prompts else [])))
-    results = _empty_results(settings, ctx.seed, device, heldout, tasks, entries)
+    results = _empty_results(settings, ctx.seed, device, heldout, tasks)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     predictions: list[dict[str, Any]] = []
@@ -407,7 +407,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[Any], cfg: PipelineConfi
 
 
 def _empty_results(settings: EvaluateConfig, seed: int, device: Any, heldout: dict[str, list[str]],
-                   tasks: list[TaskRequests], entries: list[ModelEntry]) -> dict[str, Any]:
+                   tasks: list[TaskRequests]) -> dict[str, Any]:
     from eval.jglue import chance_and_majority
 
     baselines = {}
