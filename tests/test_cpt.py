@@ -24,6 +24,7 @@ from eval.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
 from tests.conftest import read_texts
+from tests.helpers.tiny import byte_bpe_tokenizer
 from tests.test_cli import REPO, assert_one_line_error, jpadapt, state_of
 
 SEQ_LEN = 32
@@ -41,9 +42,6 @@ LR = 1e-2
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """Corpora (a slice of the bundled ones) and a small byte-level BPE tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("cpt")
     slices = {"ja_train": ("corpus/ja_train.jsonl", 24), "ja_heldout": ("corpus/ja_heldout.jsonl", 6),
               "en_train": ("corpus/en_train.jsonl", 4), "en_heldout": ("corpus/en_heldout.jsonl", 3)}
@@ -53,13 +51,7 @@ def workspace(tmp_path_factory) -> Path:
         texts[name] = [text[:20_000] for text in read_texts(bundled)[:count]]
         with open(root / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"id": f"{name}-{i}", "text": text}, ensure_ascii=False) + "\n" for i, text in enumerate(texts[name]))
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=509, special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(texts["ja_train"] + texts["en_train"], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = byte_bpe_tokenizer(texts["ja_train"] + texts["en_train"])
     tokenizer.save_pretrained(str(root / "tokenizer"))
     # The same tiny model as a folder, to load from model.path (under ZeRO-3: straight into partitions).
     model = load_causal_lm(ModelConfig(from_config=TINY_LLAMA, dtype="float32"), seed=7)

@@ -19,6 +19,7 @@ from eval.jglue import Item, chance_and_majority, load_task, wilson_interval
 from eval.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
+from tests.helpers.tiny import byte_bpe_tokenizer
 from tests.test_cli import assert_one_line_error, jpadapt
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
@@ -41,9 +42,6 @@ def workspace(tmp_path_factory) -> Path:
     """A tiny LLaMA folder over a byte-level BPE trained on the bundled text, instruction data, and prompts."""
     import lzma
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from data.assets import stored_path
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -56,14 +54,8 @@ def workspace(tmp_path_factory) -> Path:
                {"id": "ask", "instruction": "富士山の高さは?", "input": "富士山は日本一高い山です。", "output": "3776メートル"}]
     (root / "prompts.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts),
                                         encoding="utf-8")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=509, special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     texts = [r["instruction"] + r["input"] + r["output"] for r in records] + ["### 指示: ### 入力: ### 応答:"] * 20
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = byte_bpe_tokenizer(texts)
     model = load_causal_lm(ModelConfig(from_config=TINY_LLAMA, dtype="float32"), seed=7)
     save_model_folder(model, root / "model")
     tokenizer.save_pretrained(str(root / "model"))

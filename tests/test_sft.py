@@ -17,6 +17,7 @@ import yaml
 from eval.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
+from tests.helpers.tiny import byte_bpe_tokenizer
 from tests.test_cli import assert_one_line_error, jpadapt
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
@@ -43,9 +44,6 @@ def _records(name: str, count: int, context_chars: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("sft")
     # A random base cannot answer unseen questions, so the tests train on 16 examples repeated: the loss can fall
     # within a few dozen steps. The held-out file holds 12 of them (it checks the evaluation's plumbing).
@@ -55,14 +53,8 @@ def workspace(tmp_path_factory) -> Path:
     for name, records in (("train", train), ("heldout", heldout)):
         with open(root / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=509, special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     texts = [r["instruction"] + r["input"] + r["output"] for r in train] + ["### 指示: ### 入力: ### 応答:"] * 20
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = byte_bpe_tokenizer(texts)
     model = load_causal_lm(ModelConfig(from_config=TINY_LLAMA, dtype="float32"), seed=7)
     for name in ("model", "extended"):
         save_model_folder(model, root / name)
