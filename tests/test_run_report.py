@@ -29,6 +29,7 @@ from eval.run_report import write_run_report
 from pipeline import cli
 from tests.conftest import read_texts
 from tests.helpers.browser import dump_dom
+from tests.helpers.markdown import table_rows
 from tests.test_cli import assert_one_line_error, jpadapt
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
@@ -133,16 +134,7 @@ def headings(md: str, level: int) -> list[str]:
 def table_after(md: str, heading: str) -> list[dict[str, str]]:
     """Rows of the first table after the line `heading` in report.md, keyed by column title."""
     lines = md.splitlines()
-    i = lines.index(heading)
-    while not lines[i].startswith("|"):
-        i += 1
-    header = [c.strip() for c in lines[i].strip("|").split(" | ")]
-    rows = []
-    for line in lines[i + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split(" | ")), strict=True)))
-    return rows
+    return table_rows(lines, lines.index(heading))
 
 
 # ---------------------------------------------------------------------------------------------- sections

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.errors import JpadaptError
 from tests.helpers.browser import dump_dom, run_chromium
+from tests.helpers.markdown import table_rows
 from tokenizer import report
 from tokenizer.report import write_report
 
@@ -67,16 +68,7 @@ def md_table(md: str, section: str, corpus: str) -> list[dict[str, str]]:
     """Rows of the first table under '## section' / '### corpus' in report.md, as dicts keyed by column title."""
     lines = md.splitlines()
     i = lines.index(f"## {section}")
-    i = lines.index(f"### {corpus}", i)
-    while not lines[i].startswith("|"):
-        i += 1
-    header = [c.strip() for c in lines[i].strip("|").split(" | ")]
-    rows = []
-    for line in lines[i + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split(" | ")))))
-    return rows
+    return table_rows(lines, lines.index(f"### {corpus}", i))
 
 
 def decoded_images(html_text: str) -> list[tuple[Image.Image, str]]:
