@@ -86,7 +86,7 @@ def model_folder(kind: str, work: Path) -> Path:
     folder = work / "models" / kind
     if (folder / "config.json").is_file():
         return folder
-    from eval.models import load_causal_lm, save_model_folder
+    from pipeline.models import load_causal_lm, save_model_folder
     from pipeline.config import ModelConfig
     from tokenizer.hf import load_hf_tokenizer
 
@@ -237,7 +237,7 @@ def run_baseline(work: Path, folder: Path, arrays: Path, args: argparse.Namespac
 
 def baseline_main(job: dict[str, Any]) -> None:
     """Plain Trainer + PEFT QLoRA with library defaults wherever the shared settings do not say otherwise.
-    bitsandbytes' CPU inference repacking (which eval.models.plain_4bit_kernels turns off) is left as it is: it
+    bitsandbytes' CPU inference repacking (which pipeline.models.plain_4bit_kernels turns off) is left as it is: it
     only acts in eval mode without gradients, and this side never leaves training mode."""
     import torch
     from datasets import Dataset

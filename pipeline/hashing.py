@@ -1,11 +1,16 @@
-"""Content hashes for fingerprints: canonical JSON, files (cached by size and mtime), source code."""
+"""Content hashes for fingerprints: canonical JSON, files (cached by size and mtime), and the source code a
+stage imports, found by following its import statements."""
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
-import importlib.util
 import json
 import os
+import sys
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -68,22 +73,105 @@ class HashCache:
         self._dirty = False
 
 
-def source_digest(module: str) -> str:
-    """sha256 over the Python source of a module, or of every module in a package (sorted by path).
+# The folder holding jpadapt's top-level packages (pipeline/, data/, stages/, ...): a module is first-party when
+# its top-level package or module lies here.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
-    Located with importlib without importing, so hashing `stages.cpt` never pulls in torch.
-    """
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"cannot locate module {module!r}")
-    origin = Path(spec.origin)
-    if spec.submodule_search_locations is None:
-        files = [origin]
-    else:
-        root = origin.parent
-        files = sorted(p for p in root.rglob("*.py") if (p.parent / "__init__.py").exists())
-    sha = hashlib.sha256()
-    for file in files:
-        rel = file.name if spec.submodule_search_locations is None else file.relative_to(origin.parent).as_posix()
-        sha.update(rel.encode() + b"\0" + file.read_bytes() + b"\0")
-    return sha.hexdigest()
+
+@dataclass(frozen=True)
+class CodeClosure:
+    """What a stage's code is: the first-party modules it imports, transitively, with the source digest of each,
+    and the third-party top-level modules they import."""
+
+    modules: dict[str, str]
+    third_party: frozenset[str]
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a first-party module (`a/b.py` or `a/b/__init__.py`), found without importing it."""
+    base = SOURCE_ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def code_closure(roots: list[str]) -> CodeClosure:
+    """Follow every `import` statement (at module level and inside functions: stages import heavy libraries
+    lazily) from the root modules through first-party code. Importing `a.b.c` runs `a` and `a.b` too, so parent
+    packages are part of the closure. A root that is a package brings every module in it: a training worker is
+    started by module name (`-m stages.cpt.worker`), not imported."""
+    pending = [name for root in roots for name in _package_modules(root)]
+    modules: dict[str, str] = {}
+    third_party: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in modules:
+            continue
+        file = module_file(name)
+        if file is None:
+            raise ValueError(f"cannot locate first-party module {name!r}")
+        stat = file.stat()
+        modules[name], imports = _read_module(str(file), name, stat.st_mtime_ns, stat.st_size)
+        parts = name.split(".")
+        pending += [".".join(parts[:i]) for i in range(1, len(parts))]
+        for imported in imports:
+            if module_file(imported) is not None:
+                pending.append(imported)
+            elif module_file(imported.split(".")[0]) is None:
+                third_party.add(imported.split(".")[0])
+    stdlib = set(sys.stdlib_module_names)
+    return CodeClosure(dict(sorted(modules.items())), frozenset(m for m in third_party if m not in stdlib))
+
+
+def _package_modules(root: str) -> list[str]:
+    file = module_file(root)
+    if file is None:
+        raise ValueError(f"cannot locate first-party module {root!r}")
+    if file.name != "__init__.py":
+        return [root]
+    return [
+        ".".join((root, *path.relative_to(file.parent).with_suffix("").parts)).removesuffix(".__init__")
+        for path in sorted(file.parent.rglob("*.py"))
+        if (path.parent / "__init__.py").is_file()
+    ]
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_module(file: str, module: str, mtime_ns: int, size: int) -> tuple[str, tuple[str, ...]]:
+    """(sha256 of the source, modules it imports); cached by mtime and size, since every stage's closure
+    shares most of its files."""
+    source = Path(file).read_bytes()
+    return hashlib.sha256(source).hexdigest(), tuple(_imports(source, module, file.endswith("__init__.py")))
+
+
+def _imports(source: bytes, module: str, is_package: bool) -> list[str]:
+    """Module names a source file imports. `from a import b` names `a.b` when that is a module, else `a`."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(node, module, is_package)
+            names.append(base)
+            names += [f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}")]
+    return names
+
+
+def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    if not node.level:
+        return node.module or ""
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    base = package[: len(package) - node.level + 1]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
+@functools.cache
+def distributions_of(top_level: str) -> tuple[str, ...]:
+    """The installed distributions that provide a top-level module (`yaml` -> PyYAML)."""
+    return tuple(sorted(set(_packages_distributions().get(top_level, ()))))
+
+
+@functools.cache
+def _packages_distributions() -> dict[str, list[str]]:
+    return metadata.packages_distributions()

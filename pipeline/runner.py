@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from pipeline import __version__
 from pipeline.config import PipelineConfig, resolved_yaml
 from pipeline.errors import JpadaptError
-from pipeline.fingerprint import explain_change, fingerprint, library_version, stage_state
+from pipeline.fingerprint import ConfigView, explain_change, fingerprint, library_version, stage_state
 from pipeline.hashing import HashCache
 from pipeline.paths import display_path
 from pipeline.rundir import RunDir, now_iso
@@ -220,7 +220,7 @@ class Pipeline:
         )
         started, clock = now_iso(), time.monotonic()
         try:
-            summary = spec.run(self.cfg, ctx) or {}
+            summary = spec.run(ConfigView.of(self.cfg, spec), ctx) or {}
             missing = [rel for rel in spec.outputs if not (work / rel).exists()]
             if missing:
                 raise RuntimeError(f"stage finished without writing {', '.join(missing)}")

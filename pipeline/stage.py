@@ -31,10 +31,13 @@ class StageSpec:
     requires: stages whose outputs it reads; they must be enabled.
     uses: stages whose outputs it reads when they are enabled (e.g. cpt uses extend-vocab).
     params: dotted config keys whose values shape the outputs; nothing else in the YAML reruns the stage.
+    unhashed: dotted config keys the stage reads that do not shape its outputs (a port, checkpoint retention,
+        the preflight plan check). `run()` sees only params and unhashed keys: reading any other key raises,
+        so a key that should rerun the stage cannot be forgotten.
     inputs: config -> {config key: files} for files outside the run directory (corpora, models).
     outputs: paths, relative to the stage directory, that a successful run must leave.
-    code: modules or packages whose source is part of the fingerprint.
-    libraries: distributions whose versions are part of the fingerprint.
+    libraries: distributions the stage uses without importing them (e.g. safetensors through transformers);
+        the code and the versions of the libraries it imports are found by following its imports.
     resumable: keep the work directory of an interrupted attempt with the same fingerprint (checkpoints).
     """
 
@@ -44,9 +47,9 @@ class StageSpec:
     requires: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
+    unhashed: tuple[str, ...] = ()
     inputs: Callable[[PipelineConfig], dict[str, list[Path]]] | None = None
     outputs: tuple[str, ...] = ()
-    code: tuple[str, ...] = ()
     libraries: tuple[str, ...] = ()
     resumable: bool = False
 

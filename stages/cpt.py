@@ -111,7 +111,7 @@ def _total_steps(cfg: PipelineConfig) -> int:
 
 
 def _check_seq_len(cfg: PipelineConfig) -> None:
-    from eval.models import model_config_values
+    from pipeline.models import model_config_values
 
     values = model_config_values(cfg.model)
     limit = values.get("max_position_embeddings")
@@ -149,7 +149,7 @@ def _trained_model(cfg: PipelineConfig, extended: Path | None) -> ModelConfig:
 
 
 def _check_vocab(model_cfg: ModelConfig, tokenizer: Any) -> None:
-    from eval.models import model_vocab_size
+    from pipeline.models import model_vocab_size
 
     rows = model_vocab_size(model_cfg)
     if len(tokenizer) > rows:
@@ -346,7 +346,7 @@ class _Worker:
 
     def _model(self, ds_config: dict[str, Any]):
         """The model in the training precision (DeepSpeed keeps fp32 master weights for bf16/fp16)."""
-        from eval.models import load_causal_lm
+        from pipeline.models import load_causal_lm
 
         dtype = PRECISION_DTYPES[self.settings["precision"]]
         model_cfg = ModelConfig(**self.job["model"]).model_copy(update={"dtype": dtype})
@@ -677,6 +677,12 @@ def _log(message: str) -> None:
     print(f"  [cpt] {message}", flush=True)
 
 
+def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
+    from pipeline.models import model_inputs
+
+    return model_inputs(cfg.model)
+
+
 SPEC = StageSpec(
     name="cpt",
     run=run,
@@ -688,11 +694,13 @@ SPEC = StageSpec(
             "cpt.weight_decay", "cpt.adam_betas", "cpt.grad_clip", "cpt.precision", "cpt.gradient_checkpointing",
             "cpt.zero_stage", "cpt.offload_optimizer", "cpt.offload_params", "cpt.num_gpus", "cpt.num_nodes",
             "cpt.accelerator", "cpt.eval_every", "cpt.eval_chars", "cpt.save_every"),
+    # Launch details, checkpoint retention and the preflight plan check (the vocabulary it assumes is the
+    # extend-vocab output, fingerprinted as upstream) do not change what cpt produces.
+    unhashed=("cpt.master_port", "cpt.hostfile", "cpt.keep_checkpoints", "plan", "extend_vocab.new_tokens", "extend_vocab.pad_to_multiple_of"),
+    inputs=_inputs,
     outputs=("model/config.json", "metrics.jsonl", "forgetting.jsonl", "summary.json",
              "report.md", "forgetting.png"),
-    code=("stages.cpt", "data.mixture", "data.prepare", "pipeline.launch", "eval.models", "eval.perplexity",
-          "eval.forgetting", "tokenizer.hf"),
-    libraries=("torch", "transformers", "deepspeed", "tokenizers", "numpy", "safetensors"),
+    libraries=("safetensors",),
     resumable=True,
 )
 

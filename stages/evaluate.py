@@ -177,7 +177,7 @@ def _model_folder(path: str, key: str) -> Path:
 
 def load_model(entry: ModelEntry, cfg: PipelineConfig, seed: int, device: Any) -> Any:
     """The entry's model on `device`, in eval mode."""
-    from eval.models import load_causal_lm, load_frozen_base
+    from pipeline.models import load_causal_lm, load_frozen_base
 
     trust = cfg.model.trust_remote_code
     if entry.adapter is not None:
@@ -208,7 +208,7 @@ def check_contexts(entries: list[ModelEntry], tasks: list[TaskRequests], cfg: Pi
     """Every JGLUE prompt must fit each model's positions (nothing is truncated): checked with the tokenizers and
     config.json before any weights are loaded, so a long few-shot setting fails at once, not after hours."""
     from eval.jglue import longest_request
-    from eval.models import model_config_values
+    from pipeline.models import model_config_values
 
     for entry in entries:
         model_cfg = cfg.model if entry.kind == "base" else ModelConfig(path=entry.source)
@@ -451,6 +451,7 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
     from data.assets import stored_path
     from eval.jglue import FEWSHOT_SPLIT, task_asset
+    from pipeline.models import model_folder_files, model_inputs
     from pipeline.paths import resolve_files
 
     settings = cfg.evaluate
@@ -460,12 +461,10 @@ def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
         files[f"evaluate.tasks.{task}"] = [stored_path(task_asset(task, split)) for split in splits]
     if settings.prompts:
         files["evaluate.prompts"] = resolve_files(settings.prompts, "evaluate.prompts")
-    folders = [("model.path", cfg.model.path)]
-    folders += [(f"evaluate.extra_models[{i}]", folder) for i, folder in enumerate(settings.extra_models)]
-    for key, folder in folders:
-        if folder is not None:
-            path = _model_folder(folder, key)
-            files[key] = sorted(p for p in path.iterdir() if p.is_file())
+    files.update(model_inputs(cfg.model))
+    for i, folder in enumerate(settings.extra_models):
+        key = f"evaluate.extra_models[{i}]"
+        files[key] = model_folder_files(_model_folder(folder, key), key)
     return files
 
 
@@ -476,9 +475,8 @@ SPEC = StageSpec(
     requires=("prepare",),
     uses=("extend-vocab", "cpt", "sft"),
     params=("run.seed", "model", "evaluate", "sft.precision", "sft.template"),
+    unhashed=("plan", "extend_vocab.new_tokens", "extend_vocab.pad_to_multiple_of"),
     inputs=_inputs,
     outputs=("results.json", "predictions.jsonl", "generations.jsonl", "report.md", "report.html"),
-    code=("stages.evaluate", "eval.perplexity", "eval.jglue", "eval.generate", "eval.models", "eval.eval_report",
-          "data.instruct"),
-    libraries=("torch", "transformers", "peft", "bitsandbytes", "tokenizers", "sentencepiece"),
+    libraries=("safetensors",),
 )

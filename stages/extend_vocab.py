@@ -113,7 +113,7 @@ def preflight(cfg: PipelineConfig, base: BaseTokenizer):
     backend = load_tokenizer(str(base.file), name="base")
     size = backend.vocab_size
     if has_model(cfg):
-        from eval.models import model_vocab_size
+        from pipeline.models import model_vocab_size
 
         rows = model_vocab_size(cfg.model)
         if not size <= rows <= size + MAX_SPARE_ROWS:
@@ -313,7 +313,7 @@ def _efficiency(comparison: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def extend_model(cfg: PipelineConfig, ctx: StageContext, records: list[dict], encoded: list, size: int) -> dict:
     """Load the model, grow its embeddings to a padded vocabulary, initialize the new rows, save a folder."""
-    from eval.models import load_causal_lm, save_model_folder
+    from pipeline.models import load_causal_lm, save_model_folder
     from tokenizer.embeddings import extend_embeddings
 
     settings = cfg.extend_vocab
@@ -344,12 +344,10 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
-    from stages.tokenizer_report import tokenizer_files
+    from pipeline.models import model_inputs, tokenizer_files
 
-    files = {"model.tokenizer": tokenizer_files(_tokenizer_spec(cfg), "model.tokenizer")}
-    if cfg.model.path is not None:
-        folder = resolve_path(cfg.model.path, "model.path")
-        files["model.path"] = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else [folder]
+    files = model_inputs(cfg.model)
+    files["model.tokenizer"] = tokenizer_files(_tokenizer_spec(cfg), "model.tokenizer")
     return files
 
 
@@ -363,7 +361,5 @@ SPEC = StageSpec(
     inputs=_inputs,
     outputs=("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "new_tokens.json", "summary.json",
              "report.md", "comparison/metrics.json"),
-    code=("tokenizer", "eval.models", "stages.extend_vocab", "data.readers"),
-    libraries=("tokenizers", "sentencepiece", "transformers", "torch", "safetensors", "fugashi", "unidic-lite",
-               "numpy"),
+    libraries=("safetensors",),
 )

@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.paths import resolve_path
 from pipeline.stage import StageContext, StageSpec
 
 
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
-    if cfg.model.preset is None and cfg.model.path is not None:
-        path = resolve_path(cfg.model.path, "model.path")
-        return {"model.path": [path / "config.json" if path.is_dir() else path]}
-    return {}
+    from pipeline.models import model_inputs
+
+    return model_inputs(cfg.model, config_only=True) if cfg.model.preset is None else {}
 
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
@@ -43,5 +41,4 @@ SPEC = StageSpec(
             "extend_vocab", "extend_vocab.enabled"),
     inputs=_inputs,
     outputs=("plan.json", "plan.md"),
-    code=("pipeline.planner", "stages.plan"),
 )

@@ -68,6 +68,4 @@ SPEC = StageSpec(
     params=("data", "prepare", "run.seed"),
     inputs=_inputs,
     outputs=("stats.json",),
-    code=("data", "stages.prepare"),
-    libraries=("datasketch", "pyarrow", "numpy"),
 )

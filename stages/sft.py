@@ -125,7 +125,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
 def _base_model(cfg: PipelineConfig, ctx: StageContext) -> str:
     """The folder to tune: sft.base_model, else the cpt output, else the extend-vocab output, else model.path. A
     model built from `model.from_config` is saved into the stage directory first (an adapter needs a base folder)."""
-    from eval.models import load_causal_lm, save_model_folder
+    from pipeline.models import load_causal_lm, save_model_folder
 
     if cfg.sft.base_model is not None:
         folder = Path(cfg.sft.base_model).expanduser()
@@ -182,7 +182,7 @@ def _check_model(cfg: PipelineConfig, base: str, tokenizer: Any) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from eval.models import model_config_values, model_vocab_size
+    from pipeline.models import model_config_values, model_vocab_size
 
     settings = cfg.sft
     values = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
@@ -327,7 +327,7 @@ def build_model(base: str, settings: dict[str, Any], target_modules: list[str], 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from eval.models import nf4_quantization, plain_4bit_kernels
+    from pipeline.models import nf4_quantization, plain_4bit_kernels
 
     compute = getattr(torch, DTYPES[settings["precision"]])
     checkpointing = settings["gradient_checkpointing"]
@@ -693,7 +693,7 @@ class _Worker:
         """Reload base + adapter from disk the way a user would and compare logits with the trained model's."""
         from peft import PeftModel
 
-        from eval.models import load_frozen_base
+        from pipeline.models import load_frozen_base
 
         expected = self._logits(self.engine.module)
         base = load_frozen_base(self.job["base_model"], self.s["quantization"], DTYPES[self.s["precision"]],
@@ -747,7 +747,7 @@ class _Worker:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from eval.models import load_frozen_base
+        from pipeline.models import load_frozen_base
 
         expected = self._logits(self.engine.module)
         base = load_frozen_base(self.job["base_model"], self.s["quantization"], DTYPES[self.s["precision"]],
@@ -864,15 +864,15 @@ def _train(job: dict[str, Any]) -> None:
 
 
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
+    from pipeline.models import model_folder_files, model_inputs
     from pipeline.paths import resolve_files
 
     files = {"sft.data": resolve_files(cfg.sft.data, "sft.data")}
     if cfg.sft.heldout:
         files["sft.heldout"] = resolve_files(cfg.sft.heldout, "sft.heldout")
-    for key, path in (("sft.base_model", cfg.sft.base_model), ("model.path", cfg.model.path)):
-        if path is not None and Path(path).expanduser().is_dir():
-            folder = Path(path).expanduser()
-            files[key] = sorted(p for p in folder.iterdir() if p.is_file())
+    files.update(model_inputs(cfg.model))
+    if cfg.sft.base_model is not None:
+        files["sft.base_model"] = model_folder_files(cfg.sft.base_model, "sft.base_model")
     return files
 
 
@@ -883,12 +883,11 @@ SPEC = StageSpec(
     uses=("cpt", "extend-vocab"),
     # Every sft key but the port shapes the outputs.
     params=("run.seed", "model", *(f"sft.{key}" for key in SftConfig.model_fields if key != "master_port")),
+    unhashed=("sft.master_port", "plan", "extend_vocab.new_tokens", "extend_vocab.pad_to_multiple_of"),
     inputs=_inputs,
     outputs=("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/jpadapt.json",
              "metrics.jsonl", "summary.json", "report.md"),
-    code=("stages.sft", "data.instruct", "pipeline.launch", "eval.models", "eval.workers", "eval.sft_report",
-          "tokenizer.hf"),
-    libraries=("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "tokenizers", "numpy", "safetensors"),
+    libraries=("safetensors",),
 )
 
 

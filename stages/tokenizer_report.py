@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import BUNDLED_TOKENIZERS, PipelineConfig
+from pipeline.config import PipelineConfig
 from pipeline.errors import JpadaptError
-from pipeline.paths import resolve_path
 from pipeline.stage import StageContext, StageSpec
 
 EXTENDED = "extended"
@@ -25,18 +24,9 @@ NFKC_NOTE = (
 )
 
 
-def tokenizer_files(spec: str, key: str) -> list[Path]:
-    """The files a tokenizer spec stands for, to fingerprint them: bundled names map to shipped files."""
-    from data.assets import bundled_names, stored_path
-
-    if spec in BUNDLED_TOKENIZERS:
-        prefix = f"tokenizers/{spec}/"
-        return [stored_path(name) for name in bundled_names() if name.startswith(prefix)]
-    path = resolve_path(spec, key)
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-
-
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
+    from pipeline.models import tokenizer_files
+
     return {
         f"tokenizer_report.tokenizers.{name}": tokenizer_files(spec, f"tokenizer_report.tokenizers.{name}")
         for name, spec in cfg.tokenizer_report.tokenizers.items()
@@ -95,6 +85,4 @@ SPEC = StageSpec(
     params=("tokenizer_report",),
     inputs=_inputs,
     outputs=("metrics.json", "metrics.csv", "report.md", "report.html"),
-    code=("tokenizer", "stages.tokenizer_report", "data.readers"),
-    libraries=("tokenizers", "sentencepiece", "tiktoken", "fugashi", "unidic-lite", "numpy", "matplotlib"),
 )

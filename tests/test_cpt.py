@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eval.models import load_causal_lm, save_model_folder
+from pipeline.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
 from tests.conftest import read_texts

@@ -23,7 +23,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from transformers import AutoTokenizer
 
 from data.assets import materialize
-from eval.models import load_causal_lm, model_vocab_size, save_model_folder
+from pipeline.models import load_causal_lm, model_vocab_size, save_model_folder
 from eval.perplexity import bits_per_byte
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError

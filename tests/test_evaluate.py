@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from eval.jglue import Item, chance_and_majority, load_task, wilson_interval
-from eval.models import load_causal_lm, save_model_folder
+from pipeline.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
 from tests.helpers.tiny import byte_bpe_tokenizer
@@ -215,7 +215,7 @@ def test_sft_choice_loglik_matches_base_plus_adapter_loaded_by_hand(run):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from eval.models import load_frozen_base
+    from pipeline.models import load_frozen_base
 
     adapter = stage(run, "sft") / "adapter"
     base_folder = json.loads((adapter / "jpadapt.json").read_text(encoding="utf-8"))["base_model"]

@@ -82,7 +82,7 @@ def test_gemma_evaluate_scores_are_sensible_and_consistent(run, gemma):
     import torch
 
     from eval.jglue import load_task, wilson_interval
-    from eval.models import load_causal_lm
+    from pipeline.models import load_causal_lm
     from pipeline.config import ModelConfig
     from tokenizer.hf import load_hf_tokenizer
 

@@ -99,7 +99,7 @@ def test_cpt_trains_the_extended_model_and_reports_what_the_vocabulary_saved(dem
 def test_model_folder_keeps_base_rows_and_means_new_ones(demo: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eval.models import load_causal_lm
+    from pipeline.models import load_causal_lm
 
     folder = demo / STAGE / "model"
     model = AutoModelForCausalLM.from_pretrained(str(folder))

@@ -28,7 +28,7 @@ from eval.jglue import (
     score_items,
     wilson_interval,
 )
-from eval.models import load_causal_lm
+from pipeline.models import load_causal_lm
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError
 from tokenizer.hf import load_hf_tokenizer

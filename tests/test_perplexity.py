@@ -13,7 +13,7 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from eval.models import load_causal_lm
+from pipeline.models import load_causal_lm
 from eval.perplexity import LossResult, bits_per_byte, start_token_id, windows
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError

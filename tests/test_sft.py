@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from eval.models import load_causal_lm, save_model_folder
+from pipeline.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
 from tests.helpers.tiny import byte_bpe_tokenizer
@@ -151,7 +151,7 @@ def test_qlora_adapter_reloads_to_the_same_answers(qlora):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from eval.models import plain_4bit_kernels
+    from pipeline.models import plain_4bit_kernels
 
     folder = stage_dir(qlora)
     adapter = folder / "adapter"

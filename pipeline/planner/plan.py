@@ -64,31 +64,44 @@ def model_shape(cfg: PipelineConfig) -> ModelShape:
 
 def stage_setups(cfg: PipelineConfig) -> dict[str, tuple[Setup, int | None, int]]:
     """{stage: (setup, training tokens or None, nodes)} for the enabled stages the planner covers."""
-    setups: dict[str, tuple[Setup, int | None, int]] = {}
-    if cfg.enabled("cpt"):
-        c = cfg.cpt
-        gpus = c.num_gpus * c.num_nodes
-        setup = Setup(method="full", micro_batch=c.micro_batch_size, seq_len=c.seq_len, gpus=gpus,
-                      zero_stage=c.zero_stage, precision=c.precision, optimizer="adamw",
-                      activation_checkpointing=c.gradient_checkpointing, offload_optimizer=c.offload_optimizer,
-                      offload_params=c.offload_params)
-        tokens = c.train_tokens or c.max_steps * c.micro_batch_size * c.grad_accum * gpus * c.seq_len
-        setups["cpt"] = (setup, tokens, c.num_nodes)
-    if cfg.enabled("sft"):
-        s = cfg.sft
-        targets = None if s.target_modules == "all-linear" else tuple(s.target_modules)
-        setup = Setup(method="qlora" if s.quantization == "nf4" else "lora", micro_batch=s.micro_batch_size,
-                      seq_len=s.max_seq_len, gpus=s.num_gpus * s.num_nodes, zero_stage=s.zero_stage,
-                      precision=s.precision, optimizer=s.optimizer,
-                      lora_rank=s.lora_r, lora_targets=targets,
-                      activation_checkpointing=s.gradient_checkpointing)
-        tokens = (s.max_steps * s.micro_batch_size * s.grad_accum * s.num_gpus * s.num_nodes * s.max_seq_len
-                  if s.max_steps else None)
-        setups["sft"] = (setup, tokens, s.num_nodes)
-    if cfg.enabled("evaluate"):
-        setups["evaluate"] = (Setup(method="inference", micro_batch=cfg.evaluate.batch_size,
-                                    seq_len=cfg.evaluate.window), None, 1)
-    return setups
+    return {stage: stage_setup(cfg, stage) for stage in _SETUPS if cfg.enabled(stage)}
+
+
+def stage_setup(cfg: PipelineConfig, stage: str) -> tuple[Setup, int | None, int]:
+    """(setup, training tokens or None, nodes) of one stage, read from that stage's section alone: a stage's
+    own plan check must not read the other stages' settings, which are not part of its fingerprint."""
+    return _SETUPS[stage](cfg)
+
+
+def _cpt_setup(cfg: PipelineConfig) -> tuple[Setup, int | None, int]:
+    c = cfg.cpt
+    gpus = c.num_gpus * c.num_nodes
+    setup = Setup(method="full", micro_batch=c.micro_batch_size, seq_len=c.seq_len, gpus=gpus,
+                  zero_stage=c.zero_stage, precision=c.precision, optimizer="adamw",
+                  activation_checkpointing=c.gradient_checkpointing, offload_optimizer=c.offload_optimizer,
+                  offload_params=c.offload_params)
+    tokens = c.train_tokens or c.max_steps * c.micro_batch_size * c.grad_accum * gpus * c.seq_len
+    return setup, tokens, c.num_nodes
+
+
+def _sft_setup(cfg: PipelineConfig) -> tuple[Setup, int | None, int]:
+    s = cfg.sft
+    targets = None if s.target_modules == "all-linear" else tuple(s.target_modules)
+    setup = Setup(method="qlora" if s.quantization == "nf4" else "lora", micro_batch=s.micro_batch_size,
+                  seq_len=s.max_seq_len, gpus=s.num_gpus * s.num_nodes, zero_stage=s.zero_stage,
+                  precision=s.precision, optimizer=s.optimizer,
+                  lora_rank=s.lora_r, lora_targets=targets,
+                  activation_checkpointing=s.gradient_checkpointing)
+    tokens = (s.max_steps * s.micro_batch_size * s.grad_accum * s.num_gpus * s.num_nodes * s.max_seq_len
+              if s.max_steps else None)
+    return setup, tokens, s.num_nodes
+
+
+def _evaluate_setup(cfg: PipelineConfig) -> tuple[Setup, int | None, int]:
+    return Setup(method="inference", micro_batch=cfg.evaluate.batch_size, seq_len=cfg.evaluate.window), None, 1
+
+
+_SETUPS = {"cpt": _cpt_setup, "sft": _sft_setup, "evaluate": _evaluate_setup}
 
 
 def plan_stage(stage: str, shape: ModelShape, setup: Setup, tokens: int | None, nodes: int, target: GPU,
@@ -111,10 +124,9 @@ def plan_pipeline(cfg: PipelineConfig) -> list[StagePlan]:
 
 def check_fits(cfg: PipelineConfig, stage: str) -> StagePlan | None:
     """Refuse a stage that cannot fit on the configured GPU (cpt and sft call this before launching)."""
-    setups = stage_setups(cfg)
-    if stage not in setups or cfg.plan is None:
+    if stage not in _SETUPS or cfg.plan is None:
         return None
-    setup, tokens, nodes = setups[stage]
+    setup, tokens, nodes = stage_setup(cfg, stage)
     result = plan_stage(stage, model_shape(cfg), setup, tokens, nodes, gpu(cfg.plan.gpu), cfg.plan.mfu,
                         cfg.plan.price_per_gpu_hour)
     if not result.fits:

@@ -60,7 +60,7 @@ def corpus_inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
 
 SPECS = [
     StageSpec("prepare", run_prepare, "fake prepare", params=("data", "prepare"), inputs=corpus_inputs,
-              outputs=("corpus.txt",), code=("tests.helpers.fake_stages",), libraries=("pyyaml",)),
+              outputs=("corpus.txt",)),
     StageSpec("cpt", run_cpt, "fake cpt", requires=("prepare",), params=("cpt", "model"), outputs=("model.txt",)),
     StageSpec("sft", run_sft, "fake sft", requires=("cpt",), params=("sft",), outputs=("adapter.txt",)),
 ]

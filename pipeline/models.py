@@ -1,5 +1,7 @@
-"""Load, build and save causal language models the way every stage does (extend-vocab, cpt, sft, evaluate).
+"""The model a config names: its files, its config values, and loading, building and saving it the way every
+stage does (extend-vocab, plan, cpt, sft, evaluate).
 
+    files = model_inputs(cfg.model)                # {config key: files} the stage's fingerprint hashes
     n_rows = model_vocab_size(cfg.model)           # embedding rows, from config.json only (no weights read)
     model = load_causal_lm(cfg.model, seed=1234)   # a local HF folder, or random weights from model.from_config
     save_model_folder(model, out_dir)              # config.json + *.safetensors
@@ -8,6 +10,9 @@ Nothing here downloads. A `model.path` that is not an existing folder is an erro
 it for a Hub id. Weights are read from safetensors only: `pytorch_model.bin` files are pickles, which can run code
 when loaded. All problems a user can fix (a missing folder or config.json, an unknown `model_type`, no
 safetensors weights, bad `from_config` values) are `JpadaptError`s naming the file or key.
+
+torch and transformers are imported inside the functions that need them: `pipeline/` stays torch-free at import,
+so the CLI and fingerprints can name a model's files without loading a deep-learning library.
 """
 
 from __future__ import annotations
@@ -15,18 +20,69 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedConfig, PreTrainedModel
+
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"float32" / "bfloat16" / "float16" as a torch dtype."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The files of a model, for fingerprints
+
+
+def model_folder_files(path: str | Path, key: str) -> list[Path]:
+    """Every file of a model folder that loading can read: config.json, generation_config.json, the weights
+    (and their index), the tokenizer files, chat template, new_tokens.json. All files below the folder, sorted,
+    except hidden ones (`.cache/`, `.git/`): which of them a loader opens depends on the library version, so all
+    are hashed rather than a list that could miss one. A single file (a GGUF) is itself."""
+    from pipeline.paths import resolve_path
+
+    folder = resolve_path(str(path), key).resolve()
+    if folder.is_file():
+        return [folder]
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def tokenizer_files(spec: str, key: str) -> list[Path]:
+    """The files a tokenizer spec stands for: a bundled name's shipped files, or the folder or file it names."""
+    from pipeline.config import BUNDLED_TOKENIZERS
+
+    if spec in BUNDLED_TOKENIZERS:
+        from data.assets import bundled_names, stored_path
+
+        prefix = f"tokenizers/{spec}/"
+        return [stored_path(name) for name in bundled_names() if name.startswith(prefix)]
+    return model_folder_files(spec, key)
+
+
+def model_inputs(model_cfg: ModelConfig, *, config_only: bool = False) -> dict[str, list[Path]]:
+    """{config key: files} of the model section: `model.path`'s folder and `model.tokenizer` (bundled or a
+    path). The one place that says which files a model is made of: every stage that reads the model declares
+    these as inputs, so replacing the weights in the same folder makes it stale. `config_only`: config.json
+    alone (the planner reads nothing else)."""
+    files: dict[str, list[Path]] = {}
+    if model_cfg.path is not None:
+        found = model_folder_files(model_cfg.path, "model.path")
+        files["model.path"] = [p for p in found if p.name == "config.json"] if config_only else found
+    if not config_only and model_cfg.tokenizer is not None:
+        files["model.tokenizer"] = tokenizer_files(model_cfg.tokenizer, "model.tokenizer")
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,6 +150,9 @@ def save_model_folder(model: PreTrainedModel, out_dir: str | Path) -> Path:
 
 
 def _load_folder(model_cfg: ModelConfig) -> PreTrainedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     folder = _model_folder(model_cfg.path)
     values = _read_config_json(folder)  # clear errors for a missing or broken config.json come first
     model_type = values.get("model_type")
@@ -108,7 +167,7 @@ def _load_folder(model_cfg: ModelConfig) -> PreTrainedModel:
     except ValueError as exc:  # unknown model_type, or remote code that is not trusted
         raise JpadaptError(f"{folder / 'config.json'}: {_first_line(exc)}") from exc
     _check_causal_lm(config, f"{folder / 'config.json'}", model_cfg.trust_remote_code)
-    dtype: str | torch.dtype = "auto" if model_cfg.dtype == "auto" else DTYPES[model_cfg.dtype]
+    dtype: str | torch.dtype = "auto" if model_cfg.dtype == "auto" else torch_dtype(model_cfg.dtype)
     return AutoModelForCausalLM.from_pretrained(
         str(folder),
         config=config,
@@ -120,9 +179,12 @@ def _load_folder(model_cfg: ModelConfig) -> PreTrainedModel:
 
 
 def _build_random(model_cfg: ModelConfig, seed: int | None) -> PreTrainedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = _build_config(model_cfg.from_config)
     _check_causal_lm(config, "model.from_config", model_cfg.trust_remote_code)
-    dtype = DTYPES.get(model_cfg.dtype, torch.float32)
+    dtype = torch_dtype("float32" if model_cfg.dtype == "auto" else model_cfg.dtype)
     if seed is None:
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     # fork_rng restores the global CPU RNG afterwards: building a model must not shift the data order of the
@@ -133,6 +195,9 @@ def _build_random(model_cfg: ModelConfig, seed: int | None) -> PreTrainedModel:
 
 
 def _build_config(values: dict[str, Any]) -> PreTrainedConfig:
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     values = dict(values)
     model_type = values.pop("model_type", None)
     if not isinstance(model_type, str) or not model_type:
@@ -147,6 +212,8 @@ def _build_config(values: dict[str, Any]) -> PreTrainedConfig:
 
 def _check_causal_lm(config: PreTrainedConfig, where: str, trust_remote_code: bool) -> None:
     """A clear error for a known config type that has no causal-LM class (e.g. a BERT folder)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     auto_map = getattr(config, "auto_map", None) or {}
     if trust_remote_code and "AutoModelForCausalLM" in auto_map:
         return
@@ -193,6 +260,8 @@ def _check_safetensors(folder: Path) -> None:
 
 
 def _unknown_type(model_type: str) -> str:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"unknown model_type {model_type!r} for this transformers version{hint}"
@@ -231,7 +300,9 @@ def plain_4bit_kernels(model: Any) -> None:
 def load_frozen_base(folder: str, quantization: str, dtype: str, device: Any, trust_remote_code: bool) -> Any:
     """The base an adapter was trained on, as sft loaded it: 4-bit NF4 (`quantization` "nf4") with its
     embedding and output layers in the compute `dtype` ("float32" or "bfloat16"), or plain in that dtype."""
-    compute = DTYPES[dtype]
+    from transformers import AutoModelForCausalLM
+
+    compute = torch_dtype(dtype)
     kwargs: dict[str, Any] = {"dtype": compute, "local_files_only": True, "use_safetensors": True,
                               "trust_remote_code": trust_remote_code}
     if quantization != "nf4":
