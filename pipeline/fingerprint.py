@@ -184,4 +184,6 @@ class ConfigView:
             return True
         if not isinstance(value, BaseModel):
             return False
-        return all(self._covers(f"{path}.{field}", getattr(value, field)) for field in type(value).model_fields)
+        # A section's `enabled` switch never shapes its outputs (config_value leaves it out too).
+        return all(self._covers(f"{path}.{field}", getattr(value, field))
+                   for field in type(value).model_fields if field != "enabled")
