@@ -82,8 +82,9 @@ SPEC = StageSpec(
     description="compare tokenizers (chars/token, fertility, byte fallback, kanji coverage, cost) on the held-out text",
     requires=("prepare",),
     uses=("extend-vocab",),
-    # data.ja.heldout: the bundled held-out text gets the published reference figures beside its own.
-    params=("tokenizer_report", "data.ja.heldout"),
+    # data.ja.heldout, prepare.normalization: the bundled held-out text gets the published reference figures
+    # beside its own, with a note on the normalization.
+    params=("tokenizer_report", "data.ja.heldout", "prepare.normalization"),
     inputs=_inputs,
     outputs=("metrics.json", "metrics.csv", "report.md", "report.html"),
 )
