@@ -31,16 +31,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_cli import REPO
+from tests.helpers.cli import REPO
+from tests.helpers.jsonl import read_jsonl
 
 LIMIT = 200
 SHOTS = (0, 3)
 MAX_CHARS = 10_000
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pipeline.config import DEFAULT_CONFIG, load_config
-from tests.test_cli import assert_one_line_error, jpadapt, state_of
+from tests.helpers.cli import assert_one_line_error, jpadapt, state_of
+from tests.helpers.jsonl import read_jsonl
 
 STAGE = Path("runs/demo/stages/extend-vocab")
 PREPARED = Path("runs/demo/stages/prepare")
@@ -32,8 +33,7 @@ def read_json(path: Path) -> dict:
 
 
 def texts(folder: Path, split: str) -> list[str]:
-    return [json.loads(line)["text"] for shard in sorted(folder.glob(f"{split}-*.jsonl"))
-            for line in shard.read_text(encoding="utf-8").splitlines()]
+    return [record["text"] for record in read_jsonl(*sorted(folder.glob(f"{split}-*.jsonl")))]
 
 
 def test_outputs_and_the_report_reproduce_from_the_run_directory(demo: Path) -> None:

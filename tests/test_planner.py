@@ -14,7 +14,7 @@ from pipeline.planner.gpus import CATALOG, GIB, gpu
 from pipeline.planner.memory import Setup, plan_memory
 from pipeline.planner.plan import check_fits, model_shape, stage_setups
 from pipeline.planner.presets import resolve_model
-from tests.test_cli import assert_one_line_error, jpadapt, state_of
+from tests.helpers.cli import assert_one_line_error, jpadapt, state_of
 
 SWALLOW = CONFIG_DIR / "llama2-7b-swallow.yaml"
 QWEN = CONFIG_DIR / "qwen2.5-7b.yaml"

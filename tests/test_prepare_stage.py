@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import lzma
 import shutil
 import unicodedata
 from pathlib import Path
@@ -12,21 +11,18 @@ from pathlib import Path
 import pytest
 
 from data.assets import stored_path
-from tests.test_cli import jpadapt
+from tests.helpers.cli import jpadapt
+from tests.helpers.jsonl import read_jsonl
 
 STAGE = Path("runs/demo/stages/prepare")
 
 
 def bundled_records(name: str) -> list[dict]:
-    with lzma.open(stored_path(name), "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_jsonl(stored_path(name))
 
 
 def output_records(run: Path, lang: str, split: str) -> list[dict]:
-    records = []
-    for shard in sorted((run / lang).glob(f"{split}-*.jsonl")):
-        records += [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines()]
-    return records
+    return read_jsonl(*sorted((run / lang).glob(f"{split}-*.jsonl")))
 
 
 def output_hashes(run: Path) -> dict[str, str]:

@@ -27,10 +27,10 @@ from data.assets import stored_path
 from eval import run_report
 from eval.run_report import write_run_report
 from pipeline import cli
-from tests.conftest import read_texts
 from tests.helpers.browser import dump_dom
+from tests.helpers.cli import assert_one_line_error, jpadapt
+from tests.helpers.jsonl import read_jsonl, read_texts
 from tests.helpers.markdown import table_rows
-from tests.test_cli import assert_one_line_error, jpadapt
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -120,10 +120,6 @@ def copy_run(run_dir: Path, dest: Path) -> Path:
 
 def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def headings(md: str, level: int) -> list[str]:

@@ -17,7 +17,8 @@ import sentencepiece as spm
 from tokenizers import Tokenizer
 
 from data.assets import materialize, materialize_dir
-from tests.test_cli import assert_one_line_error, jpadapt, state_of
+from tests.helpers.cli import assert_one_line_error, jpadapt, state_of
+from tests.helpers.jsonl import read_jsonl
 
 STAGE = Path("runs/demo/stages/tokenizer-report")
 PREPARED = Path("runs/demo/stages/prepare")
@@ -34,10 +35,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def records(paths: list[Path]) -> list[dict]:
-    out = []
-    for path in paths:
-        out += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return out
+    return read_jsonl(*paths)
 
 
 def test_layout_and_every_tokenizer_side_by_side(demo: Path) -> None:
