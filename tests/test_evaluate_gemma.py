@@ -66,7 +66,7 @@ def run(gemma, tmp_path) -> Path:
     }
     path = out / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    # tests.test_cli.jpadapt, with room for a loaded machine (its 300 s limit is for the tiny models).
+    # tests.helpers.cli.jpadapt, with room for a loaded machine (its 300 s limit is for the tiny models).
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", str(path)], check=False, cwd=out,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=1800)
