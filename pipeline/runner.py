@@ -57,12 +57,12 @@ def available_stages() -> list[StageSpec]:
 class Pipeline:
     """One pipeline YAML bound to its run directory."""
 
-    def __init__(self, cfg: PipelineConfig, specs: list[StageSpec] | None = None, out: TextIO = sys.stdout):
+    def __init__(self, cfg: PipelineConfig, specs: list[StageSpec] | None = None, out: TextIO | None = None):
         self.cfg = cfg
         self.specs = {spec.name: spec for spec in _ordered(specs if specs is not None else available_stages())}
         self.rundir = RunDir(Path(cfg.run.output_dir) / cfg.run.name)
         self.cache = HashCache(self.rundir.root / ".cache" / "hashes.json")
-        self.out = out
+        self.out = out if out is not None else sys.stdout  # looked up now: callers may redirect stdout
         self._check_requirements()
 
     # ------------------------------------------------------------------ graph

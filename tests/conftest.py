@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import lzma
-
 import pytest
 
-from data.assets import stored_path
-
-
-def read_texts(name: str) -> list[str]:
-    """The "text" field of every record of a bundled corpus, e.g. "corpus/ja_heldout.jsonl"."""
-    with lzma.open(stored_path(name), "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
+from tests.helpers.jsonl import read_texts
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 
 from data import assets
 from pipeline.errors import JpadaptError
+from tests.helpers.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "data" / "bundled"
@@ -61,8 +62,7 @@ def manifest() -> dict[str, dict]:
 
 
 def jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(path)
 
 
 def test_manifest_lists_stored_files_and_bundle_is_small() -> None:

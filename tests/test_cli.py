@@ -1,10 +1,13 @@
-"""The `jpadapt` command as a user runs it: exit codes, one-line errors, no tracebacks, nothing marked done."""
+"""The `jpadapt` command as a user runs it: exit codes, one-line errors, no tracebacks, nothing marked done.
+
+Most cases run in this process (`run_cli`); the `real_process` tests check the same things end to end."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,34 +17,9 @@ import pytest
 from pipeline.cli import build_parser
 from pipeline.config import DEFAULT_CONFIG
 from pipeline.runner import available_stages
+from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, run_cli, state_of
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO = DEFAULT_CONFIG.read_text(encoding="utf-8")
-
-
-def jpadapt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def state_of(status_stdout: str, stage: str) -> str:
-    """The state column of `jpadapt status` for one stage."""
-    for line in status_stdout.splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2 and parts[0] == stage:
-            return re.split(r"\s{2,}", parts[1].strip())[0]
-    raise AssertionError(f"{stage} not in status output:\n{status_stdout}")
 
 
 def small_config(tmp_path: Path, ja_lines: list[bytes], extra: str = "") -> Path:
@@ -89,7 +67,7 @@ def test_listing_stages_does_not_import_torch() -> None:
     ],
 )
 def test_usage_errors(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
-    assert_one_line_error(jpadapt(*args, cwd=tmp_path), *fragments)
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), *fragments)
 
 
 @pytest.mark.parametrize(
@@ -105,17 +83,17 @@ def test_config_errors(tmp_path: Path, edit, fragments: list[str]) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(edit(DEMO), encoding="utf-8")
     for command in ("validate", "run", "status"):
-        result = jpadapt(command, str(path), cwd=tmp_path)
+        result = run_cli(command, str(path), cwd=tmp_path)
         assert_one_line_error(result, str(path), *fragments)
     assert not (tmp_path / "runs").exists()
 
 
 def prepare_fails(tmp_path: Path, path: Path, *fragments: str, state: str = "incomplete") -> None:
-    result = jpadapt("prepare", str(path), cwd=tmp_path)
+    result = run_cli("prepare", str(path), cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     stage_dir = tmp_path / "runs" / "t" / "stages"
     assert not (stage_dir / "prepare" / "manifest.json").exists()  # nothing half-written looks done
-    status = jpadapt("status", str(path), cwd=tmp_path)
+    status = run_cli("status", str(path), cwd=tmp_path)
     assert status.returncode == 0
     assert state_of(status.stdout, "prepare") == state, status.stdout
 
@@ -143,7 +121,7 @@ def test_empty_corpus_after_filtering(tmp_path: Path) -> None:
 
 def test_skip_mode_counts_bad_lines_and_finishes(tmp_path: Path) -> None:
     path = small_config(tmp_path, [*GOOD[:5], b"{not json\n", b"\xff\xfe\n", *GOOD[5:]], extra="  on_error: skip\n")
-    result = jpadapt("prepare", str(path), cwd=tmp_path)
+    result = run_cli("prepare", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "runs/t/stages/prepare/stats.json").read_text())
     skipped = {kind: n for kind, n in stats["languages"]["ja"]["skipped_lines"].items() if n}
@@ -152,21 +130,98 @@ def test_skip_mode_counts_bad_lines_and_finishes(tmp_path: Path) -> None:
 
 def test_run_twice_status_and_override(tmp_path: Path) -> None:
     path = small_config(tmp_path, GOOD)
-    first = jpadapt("run", str(path), cwd=tmp_path)
+    first = jpadapt("run", str(path), cwd=tmp_path)  # a real process: `run` end to end
     assert first.returncode == 0, first.stderr
     assert "prepare: running (never run)" in first.stdout and "prepare: done in" in first.stdout
-    second = jpadapt("run", str(path), cwd=tmp_path)
+    second = run_cli("run", str(path), cwd=tmp_path)
     assert second.returncode == 0
     assert "prepare: up to date" in second.stdout and "Nothing to do" in second.stdout
-    status = jpadapt("status", str(path), "prepare.min_chars=20", cwd=tmp_path)
+    status = run_cli("status", str(path), "prepare.min_chars=20", cwd=tmp_path)
     assert state_of(status.stdout, "prepare") == "stale"
     assert "- prepare.min_chars: 5 -> 20" in status.stdout
-    validate = jpadapt("validate", str(path), cwd=tmp_path)
+    validate = run_cli("validate", str(path), cwd=tmp_path)
     assert validate.returncode == 0 and "valid" in validate.stdout
 
 
 def test_status_of_a_run_that_never_started_writes_nothing(tmp_path: Path) -> None:
-    result = jpadapt("status", cwd=tmp_path)
+    result = run_cli("status", cwd=tmp_path)
     assert result.returncode == 0
     assert state_of(result.stdout, "prepare") == "never run"
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ real processes
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["evaluat"], ["status", "prepare.min_chars=abc"]],
+)
+def test_real_process_exits_2_with_the_same_one_line_error_as_in_process(tmp_path: Path, args: list[str]) -> None:
+    real = jpadapt(*args, cwd=tmp_path)
+    assert_one_line_error(real)
+    inside = run_cli(*args, cwd=tmp_path)
+    assert (inside.returncode, inside.stdout, inside.stderr) == (real.returncode, real.stdout, real.stderr)
+
+
+def test_real_process_config_error_in_a_stage_is_one_line_and_marks_nothing_done(tmp_path: Path) -> None:
+    path = small_config(tmp_path, [*GOOD[:5], b'{"id": "x", "text": "broken\n', *GOOD[5:]])
+    assert_one_line_error(jpadapt("prepare", str(path), cwd=tmp_path), "ja.jsonl:6", "invalid JSON")
+    assert not (tmp_path / "runs/t/stages/prepare/manifest.json").exists()
+
+
+def test_real_process_help_exits_0_like_in_process(tmp_path: Path) -> None:
+    real = jpadapt("--help", cwd=tmp_path)
+    inside = run_cli("--help", cwd=tmp_path)
+    assert real.returncode == inside.returncode == 0, real.stderr
+    assert real.stdout == inside.stdout and "jpadapt run [CONFIG]" in real.stdout
+
+
+def test_run_cli_version_and_stage_help_exit_0(tmp_path: Path) -> None:
+    version = run_cli("--version", cwd=tmp_path)
+    assert (version.returncode, version.stdout.split()[0], version.stderr) == (0, "jpadapt", "")
+    stage_help = run_cli("status", "--help", cwd=tmp_path)
+    assert stage_help.returncode == 0 and stage_help.stdout.startswith("usage: jpadapt status")
+
+
+# ------------------------------------------------------------------------------------ the in-process runner
+
+
+def test_run_cli_puts_back_what_a_command_changes(tmp_path: Path) -> None:
+    cwd, environ = os.getcwd(), dict(os.environ)
+    sigterm, root_handlers = signal.getsignal(signal.SIGTERM), list(logging.getLogger().handlers)
+    path = small_config(tmp_path, GOOD)
+    result = run_cli("prepare", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "prepare: running (never run)" in result.stdout  # the stage's own lines are captured
+    assert os.getcwd() == cwd and dict(os.environ) == environ
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # main() installs its SIGTERM handler
+    assert logging.getLogger().handlers == root_handlers  # the stage log's file handler is gone
+    assert not logging.getLogger("jpadapt.prepare").handlers
+
+
+def test_run_cli_turns_an_escaping_exception_into_a_traceback_and_exit_1(tmp_path: Path, monkeypatch) -> None:
+    import pipeline.cli
+
+    def crash(args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(pipeline.cli, "cmd_status", crash)
+    result = run_cli("status", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ValueError: a bug" in result.stderr
+    with pytest.raises(AssertionError):
+        assert_one_line_error(result)
+
+
+def test_run_cli_captures_a_child_process_output(tmp_path: Path, monkeypatch) -> None:
+    import pipeline.cli
+
+    def child(args):
+        subprocess.run([sys.executable, "-c", "import sys; print('from the child'); print('child err', file=sys.stderr)"],
+                       check=True)
+        return 0
+
+    monkeypatch.setattr(pipeline.cli, "cmd_status", child)
+    result = run_cli("status", cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "from the child\n", "child err\n")

@@ -23,9 +23,9 @@ import yaml
 from pipeline.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
-from tests.conftest import read_texts
+from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, state_of
+from tests.helpers.jsonl import read_jsonl, read_texts
 from tests.helpers.tiny import byte_bpe_tokenizer
-from tests.test_cli import REPO, assert_one_line_error, jpadapt, state_of
 
 SEQ_LEN = 32
 STEPS = 12
@@ -84,10 +84,6 @@ def write_config(workspace: Path, out: Path, model_path: Path | None = None, **c
 
 def stage_dir(out: Path) -> Path:
     return out / "t" / "stages" / "cpt"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def run_cpt(config: Path, *extra: str) -> subprocess.CompletedProcess:

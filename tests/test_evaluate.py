@@ -19,8 +19,9 @@ from eval.jglue import Item, chance_and_majority, load_task, wilson_interval
 from pipeline.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
+from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
+from tests.helpers.jsonl import read_jsonl
 from tests.helpers.tiny import byte_bpe_tokenizer
-from tests.test_cli import assert_one_line_error, jpadapt
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -28,10 +29,6 @@ TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "inte
 SEQ_LEN = 64
 EVAL_CHARS = 2000
 LIMIT = 6
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -95,7 +92,7 @@ def write_config(workspace: Path, out: Path, *, stages: tuple[str, ...] = ("cpt"
 def run(workspace, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     config = write_config(workspace, out)
-    result = jpadapt("evaluate", str(config), cwd=out)
+    result = jpadapt("evaluate", str(config), cwd=out)  # a real process: cpt and sft launch DeepSpeed
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -260,9 +257,9 @@ def test_report_has_every_section_and_model(run):
 
 def test_up_to_date_then_only_evaluate_reruns_when_its_settings_change(run):
     config = run / "pipeline.yaml"
-    again = jpadapt("evaluate", str(config), cwd=run)
+    again = run_cli("evaluate", str(config), cwd=run)
     assert again.returncode == 0 and "evaluate: up to date" in again.stdout, again.stdout + again.stderr
-    changed = jpadapt("evaluate", str(config), "evaluate.tasks=[jnli]", "evaluate.num_fewshot=[0]", cwd=run)
+    changed = run_cli("evaluate", str(config), "evaluate.tasks=[jnli]", "evaluate.num_fewshot=[0]", cwd=run)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "cpt: up to date" in changed.stdout and "sft: up to date" in changed.stdout
     assert "evaluate: running (stale" in changed.stdout and "evaluate.tasks" in changed.stdout
@@ -279,7 +276,7 @@ def quick(workspace, tmp_path) -> Path:
 
 
 def test_missing_extra_model_folder_is_named(quick):
-    result = jpadapt("evaluate", str(quick), "evaluate.extra_models=[nowhere/model]", cwd=quick.parent)
+    result = run_cli("evaluate", str(quick), "evaluate.extra_models=[nowhere/model]", cwd=quick.parent)
     assert_one_line_error(result, "evaluate.extra_models[0]", "nowhere/model")
     assert not (quick.parent / "t" / "stages" / "evaluate").exists()
 
@@ -287,7 +284,7 @@ def test_missing_extra_model_folder_is_named(quick):
 def test_bad_prompt_line_is_named(quick, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y", "output": "z"}\n', encoding="utf-8")
-    result = jpadapt("evaluate", str(quick), f"evaluate.prompts=[{bad}]", cwd=quick.parent)
+    result = run_cli("evaluate", str(quick), f"evaluate.prompts=[{bad}]", cwd=quick.parent)
     assert_one_line_error(result, "bad.jsonl:2", "instruction prompts")
     assert not (quick.parent / "t" / "stages" / "evaluate" / "results.json").exists()
 
@@ -299,11 +296,11 @@ def test_bad_prompt_line_is_named(quick, tmp_path):
     ("evaluate.tasks=[jsquad]", ["evaluate.tasks"]),
 ])
 def test_bad_settings_are_config_errors(quick, override, fragments):
-    assert_one_line_error(jpadapt("validate", str(quick), override, cwd=quick.parent), *fragments)
+    assert_one_line_error(run_cli("validate", str(quick), override, cwd=quick.parent), *fragments)
 
 
 def test_fewshot_prompt_longer_than_the_model_is_an_error(quick):
-    result = jpadapt("evaluate", str(quick), "evaluate.num_fewshot=[12]", cwd=quick.parent)
+    result = run_cli("evaluate", str(quick), "evaluate.num_fewshot=[12]", cwd=quick.parent)
     assert_one_line_error(result, "evaluate:", "jnli item", "with 12 few-shot examples", "for base",
                           "more than the model's 512 positions", "evaluate.num_fewshot")
     assert not (quick.parent / "t" / "stages" / "evaluate").exists()

@@ -31,16 +31,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_cli import REPO
+from tests.helpers.cli import REPO
+from tests.helpers.jsonl import read_jsonl
 
 LIMIT = 200
 SHOTS = (0, 3)
 MAX_CHARS = 10_000
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -69,7 +66,7 @@ def run(gemma, tmp_path) -> Path:
     }
     path = out / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    # tests.test_cli.jpadapt, with room for a loaded machine (its 300 s limit is for the tiny models).
+    # tests.helpers.cli.jpadapt, with room for a loaded machine (its 300 s limit is for the tiny models).
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", str(path)], check=False, cwd=out,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                             timeout=1800)

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from data.assets import materialize_dir
 from pipeline.errors import JpadaptError
-from tests.conftest import read_texts
+from tests.helpers.jsonl import read_texts
 from tokenizer.extend_bpe import BpeExtension, extend_byte_level_bpe, touches_japanese, training_pieces
 from tokenizer.load import _bytes_to_unicode
 

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from data.assets import materialize
 from pipeline.errors import JpadaptError
-from tests.conftest import read_texts
+from tests.helpers.jsonl import read_texts
 from tokenizer.extend_sp import (
     MORPHEME_DELIMITER,
     extend_sentencepiece,

@@ -13,7 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pipeline.config import DEFAULT_CONFIG, load_config
-from tests.test_cli import assert_one_line_error, jpadapt, state_of
+from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli, state_of
+from tests.helpers.jsonl import read_jsonl
 
 STAGE = Path("runs/demo/stages/extend-vocab")
 PREPARED = Path("runs/demo/stages/prepare")
@@ -22,7 +23,7 @@ PREPARED = Path("runs/demo/stages/prepare")
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("demo")
-    result = jpadapt("extend-vocab", cwd=cwd)
+    result = jpadapt("extend-vocab", cwd=cwd)  # a real process, end to end
     assert result.returncode == 0, result.stderr
     return cwd
 
@@ -32,8 +33,7 @@ def read_json(path: Path) -> dict:
 
 
 def texts(folder: Path, split: str) -> list[str]:
-    return [json.loads(line)["text"] for shard in sorted(folder.glob(f"{split}-*.jsonl"))
-            for line in shard.read_text(encoding="utf-8").splitlines()]
+    return [record["text"] for record in read_jsonl(*sorted(folder.glob(f"{split}-*.jsonl")))]
 
 
 def test_outputs_and_the_report_reproduce_from_the_run_directory(demo: Path) -> None:
@@ -119,7 +119,7 @@ def test_model_folder_keeps_base_rows_and_means_new_ones(demo: Path) -> None:
 
 
 def test_tokenizer_report_adds_the_extended_tokenizer(demo: Path) -> None:
-    result = jpadapt("tokenizer-report", "tokenizer_report.tokenizers={llama2: llama2}", cwd=demo)
+    result = run_cli("tokenizer-report", "tokenizer_report.tokenizers={llama2: llama2}", cwd=demo)
     assert result.returncode == 0, result.stderr
     metrics = read_json(demo / "runs/demo/stages/tokenizer-report/metrics.json")
     assert list(metrics["tokenizers"]) == ["llama2", "extended"]
@@ -129,7 +129,7 @@ def test_tokenizer_report_adds_the_extended_tokenizer(demo: Path) -> None:
 
 def test_a_forced_rerun_gives_byte_identical_outputs(demo: Path) -> None:
     before = read_json(demo / STAGE / "manifest.json")["outputs"]
-    result = jpadapt("extend-vocab", "--force", cwd=demo)
+    result = run_cli("extend-vocab", "--force", cwd=demo)
     assert result.returncode == 0, result.stderr
     after = read_json(demo / STAGE / "manifest.json")["outputs"]
     assert {k: v["sha256"] for k, v in after.items()} == {k: v["sha256"] for k, v in before.items()}
@@ -138,7 +138,7 @@ def test_a_forced_rerun_gives_byte_identical_outputs(demo: Path) -> None:
 
 def test_byte_level_base_grows_qwen_rows(tmp_path: Path) -> None:
     """Qwen: new ids start after the added tokens (151,669) inside the model's spare rows (151,936)."""
-    result = jpadapt(
+    result = run_cli(
         "extend-vocab", "model.tokenizer=qwen", "model.from_config.vocab_size=151936",
         "model.from_config.hidden_size=32", "model.from_config.intermediate_size=64",
         "extend_vocab.new_tokens=1500", "extend_vocab.max_training_chars=200000", "cpt.enabled=false",
@@ -168,10 +168,10 @@ def test_byte_level_base_grows_qwen_rows(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
-    result = jpadapt("extend-vocab", *overrides, cwd=tmp_path)
+    result = run_cli("extend-vocab", *overrides, cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / STAGE).exists()
-    status = jpadapt("status", *overrides, cwd=tmp_path)
+    status = run_cli("status", *overrides, cwd=tmp_path)
     if status.returncode == 0:
         assert state_of(status.stdout, "extend-vocab") in {"incomplete", "never run"}
 
@@ -182,5 +182,5 @@ def test_unknown_tokenizer_kind(tmp_path: Path) -> None:
     tokenizer = Tokenizer(models.WordPiece({"[UNK]": 0, "日": 1, "本": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(folder / "tokenizer.json"))
-    result = jpadapt("extend-vocab", f"model.tokenizer={folder}", cwd=tmp_path)
+    result = run_cli("extend-vocab", f"model.tokenizer={folder}", cwd=tmp_path)
     assert_one_line_error(result, "unknown base tokenizer kind", "SentencePiece", "byte-level BPE")

@@ -24,7 +24,7 @@ from data.mixture import (
     tokenize_corpus,
 )
 from pipeline.errors import JpadaptError
-from tests.conftest import read_texts
+from tests.helpers.jsonl import read_texts
 
 BOS, EOS = 0, 1
 RATIOS = (0.0, 0.1, 0.25, 0.5)

@@ -14,7 +14,7 @@ from pipeline.planner.gpus import CATALOG, GIB, gpu
 from pipeline.planner.memory import Setup, plan_memory
 from pipeline.planner.plan import check_fits, model_shape, stage_setups
 from pipeline.planner.presets import resolve_model
-from tests.test_cli import assert_one_line_error, jpadapt, state_of
+from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli, state_of
 
 SWALLOW = CONFIG_DIR / "llama2-7b-swallow.yaml"
 QWEN = CONFIG_DIR / "qwen2.5-7b.yaml"
@@ -95,7 +95,7 @@ def test_pipeline_stage_setups_come_from_the_yaml() -> None:
 
 def test_plan_stage_on_the_shipped_examples(tmp_path: Path) -> None:
     for config in (SWALLOW, QWEN):
-        result = jpadapt("plan", str(config), "run.output_dir=" + str(tmp_path), cwd=tmp_path)
+        result = jpadapt("plan", str(config), "run.output_dir=" + str(tmp_path), cwd=tmp_path)  # a real process
         assert result.returncode == 0, result.stderr
         name = load_config(config).run.name
         out = tmp_path / name / "stages" / "plan"
@@ -107,13 +107,13 @@ def test_plan_stage_on_the_shipped_examples(tmp_path: Path) -> None:
             assert plan["fits"] == (total <= plan["gpu_memory_bytes"])
         md = (out / "plan.md").read_text()
         assert "| term | bytes | GiB | formula | what |" in md and "GPU-hours" in md
-    status = jpadapt("status", str(QWEN), "run.output_dir=" + str(tmp_path), "cpt.seq_len=8192", cwd=tmp_path)
+    status = run_cli("status", str(QWEN), "run.output_dir=" + str(tmp_path), "cpt.seq_len=8192", cwd=tmp_path)
     assert state_of(status.stdout, "plan") == "stale" and "cpt.seq_len: 4096 -> 8192" in status.stdout
 
 
 def test_disabling_a_stage_makes_the_plan_stale(tmp_path: Path) -> None:
-    assert jpadapt("plan", str(QWEN), f"run.output_dir={tmp_path}", cwd=tmp_path).returncode == 0
-    status = jpadapt("status", str(QWEN), f"run.output_dir={tmp_path}", "sft.enabled=false", cwd=tmp_path)
+    assert run_cli("plan", str(QWEN), f"run.output_dir={tmp_path}", cwd=tmp_path).returncode == 0
+    status = run_cli("status", str(QWEN), f"run.output_dir={tmp_path}", "sft.enabled=false", cwd=tmp_path)
     assert state_of(status.stdout, "plan") == "stale"
 
 
@@ -125,11 +125,11 @@ def test_check_fits_refuses_what_cannot_fit() -> None:
 
 
 def test_ad_hoc_plan_text_and_json(tmp_path: Path) -> None:
-    text = jpadapt("plan", "--model", "llama2-7b", "--method", "full", "--gpus", "8", "--zero", "3",
+    text = run_cli("plan", "--model", "llama2-7b", "--method", "full", "--gpus", "8", "--zero", "3",
                    "--micro-batch", "4", "--seq-len", "4096", "--tokens", "1e9", cwd=tmp_path)
     assert text.returncode == 0, text.stderr
     assert "## plan: full, 8 GPU(s), ZeRO-3" in text.stdout and "fits on one H100 SXM 80 GB" in text.stdout
-    raw = jpadapt("plan", "--model", "qwen2.5-7b", "--method", "qlora", "--gpu", "RTX4090-24GB", "--json",
+    raw = run_cli("plan", "--model", "qwen2.5-7b", "--method", "qlora", "--gpu", "RTX4090-24GB", "--json",
                   cwd=tmp_path)
     plan = json.loads(raw.stdout)
     assert plan["gpu"] == "RTX4090-24GB"
@@ -155,9 +155,9 @@ def test_ad_hoc_plan_text_and_json(tmp_path: Path) -> None:
     ],
 )
 def test_ad_hoc_bad_input(tmp_path: Path, args: list[str], fragment: str) -> None:
-    assert_one_line_error(jpadapt("plan", *args, cwd=tmp_path), fragment)
+    assert_one_line_error(run_cli("plan", *args, cwd=tmp_path), fragment)
 
 
 def test_plan_stage_needs_an_architecture(tmp_path: Path) -> None:
-    assert_one_line_error(jpadapt("plan", "model.from_config=null", "model.path=nowhere", cwd=tmp_path),
+    assert_one_line_error(run_cli("plan", "model.from_config=null", "model.path=nowhere", cwd=tmp_path),
                           "model.path: file not found: nowhere")

@@ -23,6 +23,7 @@ from data.seed import set_seed
 from data.text import japanese_ratio, normalize
 from pipeline.config import CorpusConfig, PrepareConfig
 from pipeline.errors import JpadaptError
+from tests.helpers.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 KANA = [chr(c) for c in range(0x3041, 0x3097)]
@@ -48,8 +49,8 @@ def japanese_text(rng: random.Random, chars: int) -> str:
 
 def write_jsonl(path: Path, records: list) -> Path:
     with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n")
+        f.writelines((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n"
+                     for record in records)
     return path
 
 
@@ -59,7 +60,7 @@ def read_docs(path: Path, on_error: str = "fail", **corpus_fields) -> tuple[list
 
 
 def read_split(out: Path, lang: str, split: str) -> list[dict]:
-    return [json.loads(line) for shard in sorted((out / lang).glob(f"{split}-*.jsonl")) for line in open(shard)]
+    return read_jsonl(*sorted((out / lang).glob(f"{split}-*.jsonl")))
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -271,7 +272,7 @@ def test_near_dedup_finds_edited_copy_and_keeps_unrelated_text():
 
 
 def test_near_dedup_is_deterministic_and_seeded():
-    original, changed, _ = near_dup_case()
+    _original, changed, _ = near_dup_case()
     sketches = [NearDedup(0.8, 64, 5, seed).sketch(changed).hashvalues for seed in (7, 7, 8)]
     assert (sketches[0] == sketches[1]).all()
     assert not (sketches[0] == sketches[2]).all()
@@ -419,7 +420,7 @@ def test_shard_writer_rotates_below_the_size_limit(tmp_path):
     assert len(writer.shards) > 3
     sizes = [(tmp_path / name).stat().st_size for name in writer.shards]
     assert all(size <= 200 for size in sizes) and sum(sizes) == writer.bytes
-    lines = [json.loads(line) for name in writer.shards for line in open(tmp_path / name, encoding="utf-8")]
+    lines = read_jsonl(*(tmp_path / name for name in writer.shards))
     assert lines == records and writer.documents == 12 and writer.chars == 10 * 11 + 40
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import lzma
 import shutil
 import unicodedata
 from pathlib import Path
@@ -12,21 +11,18 @@ from pathlib import Path
 import pytest
 
 from data.assets import stored_path
-from tests.test_cli import jpadapt
+from tests.helpers.cli import jpadapt, run_cli
+from tests.helpers.jsonl import read_jsonl
 
 STAGE = Path("runs/demo/stages/prepare")
 
 
 def bundled_records(name: str) -> list[dict]:
-    with lzma.open(stored_path(name), "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_jsonl(stored_path(name))
 
 
 def output_records(run: Path, lang: str, split: str) -> list[dict]:
-    records = []
-    for shard in sorted((run / lang).glob(f"{split}-*.jsonl")):
-        records += [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines()]
-    return records
+    return read_jsonl(*sorted((run / lang).glob(f"{split}-*.jsonl")))
 
 
 def output_hashes(run: Path) -> dict[str, str]:
@@ -40,7 +36,7 @@ def output_hashes(run: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("demo")
-    result = jpadapt("prepare", cwd=cwd)
+    result = jpadapt("prepare", cwd=cwd)  # a real process, end to end
     assert result.returncode == 0, result.stderr
     return cwd
 
@@ -67,7 +63,7 @@ def test_rerun_from_scratch_is_byte_identical(demo_run: Path) -> None:
     manifest = json.loads((demo_run / STAGE / "manifest.json").read_text())
     assert {path: entry["sha256"] for path, entry in manifest["outputs"].items()} == before
     shutil.rmtree(demo_run / "runs")
-    assert jpadapt("prepare", cwd=demo_run).returncode == 0
+    assert run_cli("prepare", cwd=demo_run).returncode == 0
     assert output_hashes(demo_run / STAGE) == before
 
 
@@ -85,7 +81,7 @@ def test_dedup_and_decontamination_through_the_stage(tmp_path: Path) -> None:
         {"id": "english", "text": "This paragraph is English, not Japanese, and should be filtered out. " * 3},
     ]
     (tmp_path / "extra.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in extra))
-    result = jpadapt("prepare", "data.ja.train=[bundled:corpus/ja_train.jsonl, extra.jsonl]", cwd=tmp_path)
+    result = run_cli("prepare", "data.ja.train=[bundled:corpus/ja_train.jsonl, extra.jsonl]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     ja = json.loads((tmp_path / STAGE / "stats.json").read_text())["languages"]["ja"]
     assert {k: v for k, v in ja["removed"].items() if v} == {
@@ -98,7 +94,7 @@ def test_dedup_and_decontamination_through_the_stage(tmp_path: Path) -> None:
 
 
 def test_split_mode_keeps_documents_together(tmp_path: Path) -> None:
-    result = jpadapt(
+    result = run_cli(
         "prepare", "data.ja.heldout=[]", "data.en.heldout=[]", "prepare.heldout_fraction=0.3", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr

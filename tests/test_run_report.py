@@ -27,10 +27,10 @@ from data.assets import stored_path
 from eval import run_report
 from eval.run_report import write_run_report
 from pipeline import cli
-from tests.conftest import read_texts
 from tests.helpers.browser import dump_dom
+from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
+from tests.helpers.jsonl import read_jsonl, read_texts
 from tests.helpers.markdown import table_rows
-from tests.test_cli import assert_one_line_error, jpadapt
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -120,10 +120,6 @@ def copy_run(run_dir: Path, dest: Path) -> Path:
 
 def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def headings(md: str, level: int) -> list[str]:
@@ -370,7 +366,7 @@ def test_run_prints_the_run_report_path(full, small):
 def test_report_command_rewrites_the_same_bytes(small, workspace):
     run_dir, _ = small
     before = {name: (run_dir / name).read_bytes() for name in ("report.md", "report.html")}
-    result = jpadapt("report", str(workspace / "small.yaml"), cwd=workspace)
+    result = run_cli("report", str(workspace / "small.yaml"), cwd=workspace)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [str(run_dir / "report.md"), str(run_dir / "report.html")]
     assert result.stderr == ""
@@ -381,9 +377,9 @@ def test_report_command_rewrites_the_same_bytes(small, workspace):
 def test_report_command_without_a_committed_stage_is_one_error_line(workspace):
     empty = workspace / "runs" / "empty"
     (empty / "stages" / "prepare.partial").mkdir(parents=True)  # an attempt that never finished
-    result = jpadapt("report", str(workspace / "small.yaml"), "run.name=empty", cwd=workspace)
+    result = run_cli("report", str(workspace / "small.yaml"), "run.name=empty", cwd=workspace)
     assert_one_line_error(result, str(empty), "no committed stage")
-    result = jpadapt("report", str(workspace / "small.yaml"), "run.name=never", cwd=workspace)
+    result = run_cli("report", str(workspace / "small.yaml"), "run.name=never", cwd=workspace)
     assert_one_line_error(result, "no committed stage")
     assert not (empty / "report.md").exists() and not (workspace / "runs" / "never").exists()
 

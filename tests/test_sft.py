@@ -17,8 +17,9 @@ import yaml
 from pipeline.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
+from tests.helpers.cli import assert_one_line_error, jpadapt
+from tests.helpers.jsonl import read_jsonl
 from tests.helpers.tiny import byte_bpe_tokenizer
-from tests.test_cli import assert_one_line_error, jpadapt
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -87,10 +88,6 @@ def write_config(workspace: Path, out: Path, model: str = "model", **sft) -> Pat
 
 def stage_dir(out: Path) -> Path:
     return out / "t" / "stages" / "sft"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def run_sft(config: Path) -> None:

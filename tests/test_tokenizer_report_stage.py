@@ -17,7 +17,8 @@ import sentencepiece as spm
 from tokenizers import Tokenizer
 
 from data.assets import materialize, materialize_dir
-from tests.test_cli import assert_one_line_error, jpadapt, state_of
+from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli, state_of
+from tests.helpers.jsonl import read_jsonl
 
 STAGE = Path("runs/demo/stages/tokenizer-report")
 PREPARED = Path("runs/demo/stages/prepare")
@@ -27,17 +28,14 @@ REFERENCE = {"llama2": 0.81, "mistral": 0.87, "llama3": 1.31, "qwen": 1.37, "llm
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("demo")
-    result = jpadapt("tokenizer-report", cwd=cwd)
+    result = jpadapt("tokenizer-report", cwd=cwd)  # a real process, end to end
     assert result.returncode == 0, result.stderr
     assert "prepare: running" in result.stdout  # the prerequisite ran first
     return cwd
 
 
 def records(paths: list[Path]) -> list[dict]:
-    out = []
-    for path in paths:
-        out += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return out
+    return read_jsonl(*paths)
 
 
 def test_layout_and_every_tokenizer_side_by_side(demo: Path) -> None:
@@ -91,32 +89,32 @@ def test_csv_and_markdown_agree_with_metrics(demo: Path) -> None:
 
 
 def test_rerun_is_a_no_op_and_rebuild_is_byte_identical(demo: Path) -> None:
-    again = jpadapt("tokenizer-report", cwd=demo)
+    again = run_cli("tokenizer-report", cwd=demo)
     assert "tokenizer-report: up to date" in again.stdout and "Nothing to do" in again.stdout
     digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (demo / STAGE).iterdir()
               if p.name not in {"manifest.json", "log.txt"}}
     shutil.rmtree(demo / "runs")
-    assert jpadapt("tokenizer-report", cwd=demo).returncode == 0
+    assert run_cli("tokenizer-report", cwd=demo).returncode == 0
     assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (demo / STAGE).iterdir()
                       if p.name not in {"manifest.json", "log.txt"}}
 
 
 def test_changing_a_report_key_does_not_rerun_prepare(demo: Path) -> None:
-    status = jpadapt("status", "tokenizer_report.baseline=qwen", cwd=demo)
+    status = run_cli("status", "tokenizer_report.baseline=qwen", cwd=demo)
     assert state_of(status.stdout, "prepare") == "up to date"
     assert state_of(status.stdout, "tokenizer-report") == "stale"
     assert "tokenizer_report.baseline: 'llama2' -> 'qwen'" in status.stdout
 
 
 def test_bad_tokenizer_in_the_yaml_fails_before_any_work(tmp_path: Path) -> None:
-    result = jpadapt("tokenizer-report", "tokenizer_report.tokenizers={mine: ./nope}",
+    result = run_cli("tokenizer-report", "tokenizer_report.tokenizers={mine: ./nope}",
                      "tokenizer_report.baseline=mine", cwd=tmp_path)
     assert_one_line_error(result, "tokenizer_report.tokenizers.mine: file not found: ./nope")
     assert not (tmp_path / "runs" / "demo" / "stages" / "prepare").exists()
 
 
 def test_compare_tokenizers_matches_the_reference_on_raw_text(tmp_path: Path) -> None:
-    result = jpadapt("compare-tokenizers", "--corpus", "bundled:corpus/ja_heldout.jsonl", "--out", "out", cwd=tmp_path)
+    result = run_cli("compare-tokenizers", "--corpus", "bundled:corpus/ja_heldout.jsonl", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     measured = {name: round(per["ja_heldout"]["chars_per_token"], 2) for name, per in metrics["tokenizers"].items()}
@@ -128,7 +126,7 @@ def test_compare_tokenizers_matches_the_reference_on_raw_text(tmp_path: Path) ->
 def test_compare_tokenizers_on_a_user_corpus_and_a_user_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("吾輩は猫である。名前はまだ無い。\n\nどこで生れたかとんと見当がつかぬ。\n", encoding="utf-8")
     folder = materialize_dir("tokenizers/qwen")
-    result = jpadapt("compare-tokenizers", "--corpus", "mine.txt", "--tokenizer", "llama2",
+    result = run_cli("compare-tokenizers", "--corpus", "mine.txt", "--tokenizer", "llama2",
                      "--tokenizer", f"myqwen={folder}", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -148,5 +146,5 @@ def test_compare_tokenizers_on_a_user_corpus_and_a_user_tokenizer(tmp_path: Path
     ],
 )
 def test_compare_tokenizers_bad_input(tmp_path: Path, args: list[str], fragment: str) -> None:
-    assert_one_line_error(jpadapt("compare-tokenizers", *args, "--out", "out", cwd=tmp_path), fragment)
+    assert_one_line_error(run_cli("compare-tokenizers", *args, "--out", "out", cwd=tmp_path), fragment)
     assert not (tmp_path / "out").exists()
