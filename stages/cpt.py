@@ -52,7 +52,7 @@ from eval.workers import (
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, run_job
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 LANGS = ("ja", "en")
 CHECKPOINTS = "checkpoints"
@@ -694,6 +694,7 @@ SPEC = StageSpec(
           "eval.forgetting", "tokenizer.hf"),
     libraries=("torch", "transformers", "deepspeed", "tokenizers", "numpy", "safetensors"),
     resumable=True,
+    report_section=lazy("eval.forgetting:report_section"),
 )
 
 

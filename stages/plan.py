@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.paths import resolve_path
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
@@ -44,4 +44,5 @@ SPEC = StageSpec(
     inputs=_inputs,
     outputs=("plan.json", "plan.md"),
     code=("pipeline.planner", "stages.plan"),
+    report_section=lazy("eval.plan_report:report_section"),
 )

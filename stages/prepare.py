@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.paths import display_path, resolve_files
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 
 def _corpora(cfg: PipelineConfig) -> list[tuple[str, Any]]:
@@ -70,4 +70,5 @@ SPEC = StageSpec(
     outputs=("stats.json",),
     code=("data", "stages.prepare"),
     libraries=("datasketch", "pyarrow", "numpy"),
+    report_section=lazy("eval.prepare_report:report_section"),
 )

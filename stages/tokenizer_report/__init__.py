@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.config import BUNDLED_TOKENIZERS, PipelineConfig
 from pipeline.errors import JpadaptError
 from pipeline.paths import resolve_path
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 EXTENDED = "extended"
 NFKC_NOTE = (
@@ -97,4 +97,5 @@ SPEC = StageSpec(
     outputs=("metrics.json", "metrics.csv", "report.md", "report.html"),
     code=("tokenizer", "stages.tokenizer_report", "data.readers"),
     libraries=("tokenizers", "sentencepiece", "tiktoken", "fugashi", "unidic-lite", "numpy", "matplotlib"),
+    report_section=lazy("stages.tokenizer_report.report:report_section"),
 )
