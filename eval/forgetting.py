@@ -14,25 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.reportkit import (
-    Bullets,
-    Heading,
-    Paragraph,
-    Plot,
-    Section,
-    SectionContext,
-    Table,
-    figure,
-    fmt_flops,
-    plot_style,
-    png,
-    read_jsonl,
-    render_html,
-    render_markdown,
-    saved_plot,
-    stage_report_section,
-    write_text,
-)
+from pipeline import reportkit as kit
+from pipeline.reportkit import Bullets, Heading, Paragraph, Plot, Section, SectionContext, Table
 
 LANG_NAMES = {"ja": "Japanese", "en": "English"}
 LANG_COLORS = {"ja": "#c0392b", "en": "#3b5b92"}
@@ -43,7 +26,7 @@ TITLE = "Continued pretraining"
 def read_outputs(stage_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """summary.json, forgetting.jsonl and metrics.jsonl of a cpt stage folder."""
     summary = json.loads((stage_dir / "summary.json").read_text(encoding="utf-8"))
-    return summary, read_jsonl(stage_dir / "forgetting.jsonl"), read_jsonl(stage_dir / "metrics.jsonl")
+    return summary, kit.read_jsonl(stage_dir / "forgetting.jsonl"), kit.read_jsonl(stage_dir / "metrics.jsonl")
 
 
 def stage_blocks(stage_dir: Path) -> list:
@@ -57,15 +40,15 @@ def write_report(stage_dir: Path) -> None:
     plot = plot_curves(evals, steps)
     (stage_dir / PLOT).write_bytes(plot.png)
     blocks = build_blocks(summary, evals, steps, plot)
-    write_text(stage_dir / "report.md", render_markdown(blocks, {id(plot): PLOT}))
-    write_text(stage_dir / "report.html", render_html(blocks, TITLE))
+    kit.write_text(stage_dir / "report.md", kit.render_markdown(blocks, {id(plot): PLOT}))
+    kit.write_text(stage_dir / "report.html", kit.render_html(blocks, TITLE))
 
 
 def report_section(ctx: SectionContext) -> Section:
     """The run report's section (StageSpec.report_section of cpt): this report, the plot linked from report.md."""
     blocks = stage_blocks(ctx.stage_dir)
-    return stage_report_section(ctx, TITLE, blocks, ("summary.json", "forgetting.jsonl", "metrics.jsonl"),
-                                saved_plot(ctx.stage_dir, blocks, PLOT))
+    return kit.stage_report_section(ctx, TITLE, blocks, ("summary.json", "forgetting.jsonl", "metrics.jsonl"),
+                                kit.saved_plot(ctx.stage_dir, blocks, PLOT))
 
 
 # ---------------------------------------------------------------------------------------------- content
@@ -154,7 +137,7 @@ def saving_lines(saving: dict[str, Any]) -> list[str]:
              "tokens for the same text)")]
     if "flops_saved" in saving:
         lines.append(f"at 6 x N x D with N = {saving['model_params']:,} parameters: "
-                     f"{fmt_flops(saving['flops_saved'])} FLOPs saved")
+                     f"{kit.fmt_flops(saving['flops_saved'])} FLOPs saved")
     return lines
 
 
@@ -182,8 +165,8 @@ def build_blocks(summary: dict[str, Any], evals: list[dict[str, Any]], steps: li
 
 
 def plot_curves(evals: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Plot:
-    with plot_style():
-        fig, (left, right) = figure(10, 4, ncols=2)
+    with kit.plot_style():
+        fig, (left, right) = kit.figure(10, 4, ncols=2)
         for lang in languages(evals):
             left.plot([e["step"] for e in evals], [e[lang]["bits_per_byte"] for e in evals], marker="o",
                       color=LANG_COLORS[lang], label=f"{LANG_NAMES[lang]} held-out")
@@ -194,6 +177,6 @@ def plot_curves(evals: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Plo
             right.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="#555555", lw=1)
         right.set(title="Training loss (nats/token, JA+EN mixture)", xlabel="step", ylabel="loss")
         right.grid(alpha=0.3)
-        image = png(fig)
+        image = kit.png(fig)
     return Plot(image, "forgetting curves",
                 "Left: held-out bits per byte at every evaluation. Right: training loss per step.")

@@ -9,20 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.reportkit import (
-    DASH,
-    Block,
-    Bullets,
-    Heading,
-    Paragraph,
-    Section,
-    SectionContext,
-    Table,
-    fmt_gib,
-    fmt_money,
-    fmt_seconds,
-    read_json,
-)
+from pipeline import reportkit as kit
+from pipeline.reportkit import DASH, Block, Bullets, Heading, Paragraph, Section, SectionContext, Table
 
 CUDA_PEAK = "torch.cuda.max_memory_allocated"  # eval/workers.py's peak_memory kind on a GPU
 OVERHEAD_TERM = "framework overhead"  # the planner's fixed allowance (CUDA context, workspace, fragmentation)
@@ -35,7 +23,7 @@ def report_section(ctx: SectionContext) -> Section:
 
 
 def plan_blocks(ctx: SectionContext) -> list[Block]:
-    plans = read_json(ctx.stage_dir / "plan.json")
+    plans = kit.read_json(ctx.stage_dir / "plan.json")
     run_dir, stages = ctx.run_dir, ctx.stages
     memory_rows, time_rows, notes = [], [], []
     for plan in plans:
@@ -48,10 +36,10 @@ def plan_blocks(ctx: SectionContext) -> list[Block]:
         memory_rows.append([
             stage,
             f"{setup['gpus']} x {plan['gpu']}, {setup['method']}, ZeRO-{setup['zero_stage']}",
-            fmt_gib(memory["gpu_bytes"]),
+            kit.fmt_gib(memory["gpu_bytes"]),
             "yes" if plan["fits"] else "no",
-            ", ".join(f"{t['name']} {fmt_gib(t['bytes'])}" for t in terms),
-            fmt_gib(peak["bytes"]) if peak else DASH,
+            ", ".join(f"{t['name']} {kit.fmt_gib(t['bytes'])}" for t in terms),
+            kit.fmt_gib(peak["bytes"]) if peak else DASH,
             (f"{peak['kind']}, {summary.get('accelerator', DASH)}, {summary.get('world_size', DASH)} process(es)"
              if peak else ("not run" if stage not in stages else "not recorded")),
         ])
@@ -62,12 +50,12 @@ def plan_blocks(ctx: SectionContext) -> list[Block]:
             stage,
             f"{compute['tokens']:,}" if compute else DASH,
             f"{summary['tokens_seen']:,}" if summary and "tokens_seen" in summary else DASH,
-            (f"{fmt_seconds(compute['hours'] * 3600)} at {compute['mfu']:.0%} MFU on {setup['gpus']} x "
+            (f"{kit.fmt_seconds(compute['hours'] * 3600)} at {compute['mfu']:.0%} MFU on {setup['gpus']} x "
              f"{compute['gpu']}" if compute else DASH),
-            f"{fmt_money(compute['cost'])} at ${compute['price_per_gpu_hour']}/GPU-hour" if compute else DASH,
-            fmt_seconds(summary["train_seconds"]) if summary and "train_seconds" in summary else DASH,
-            fmt_seconds(summary["wall_seconds"]) if summary and "wall_seconds" in summary else DASH,
-            fmt_seconds(manifest["duration_s"]) if "duration_s" in manifest else DASH,
+            f"{kit.fmt_money(compute['cost'])} at ${compute['price_per_gpu_hour']}/GPU-hour" if compute else DASH,
+            kit.fmt_seconds(summary["train_seconds"]) if summary and "train_seconds" in summary else DASH,
+            kit.fmt_seconds(summary["wall_seconds"]) if summary and "wall_seconds" in summary else DASH,
+            kit.fmt_seconds(manifest["duration_s"]) if "duration_s" in manifest else DASH,
         ])
         if summary is not None:
             notes += comparison_notes(plan, summary)
@@ -92,7 +80,7 @@ def _measured_summary(run_dir: Path, stage: str, stages: dict[str, dict[str, Any
     if stage not in stages:
         return None
     path = run_dir / "stages" / stage / "summary.json"
-    return read_json(path) if path.is_file() else None
+    return kit.read_json(path) if path.is_file() else None
 
 
 def comparison_notes(plan: dict[str, Any], summary: dict[str, Any]) -> list[str]:
@@ -105,8 +93,8 @@ def comparison_notes(plan: dict[str, Any], summary: dict[str, Any]) -> list[str]
     if peak and peak.get("kind") == CUDA_PEAK:
         without = memory["gpu_bytes"] - overhead
         notes.append(f"{stage}: both numbers are GPU memory. The measured peak ({CUDA_PEAK}) counts tensors only; "
-                     f"the plan adds a {fmt_gib(overhead)} GiB framework allowance, so compare "
-                     f"{fmt_gib(without)} GiB planned without it against {fmt_gib(peak['bytes'])} GiB measured. "
+                     f"the plan adds a {kit.fmt_gib(overhead)} GiB framework allowance, so compare "
+                     f"{kit.fmt_gib(without)} GiB planned without it against {kit.fmt_gib(peak['bytes'])} GiB measured. "
                      f"The plan is for {plan['gpu']}; summary.json does not record which GPU the run used.")
     elif peak:
         notes.append(f"{stage}: the plan is for {setup['gpus']} x {plan['gpu']} (GPU memory per device), but the run "

@@ -15,27 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.reportkit import (
-    Bullets,
-    Heading,
-    Paragraph,
-    Plot,
-    Section,
-    SectionContext,
-    Table,
-    figure,
-    one_line,
-    plot_style,
-    png,
-    read_jsonl,
-    render_html,
-    render_markdown,
-    saved_plot,
-    shorten,
-    stage_report_section,
-    text_cell,
-    write_text,
-)
+from pipeline import reportkit as kit
+from pipeline.reportkit import Bullets, Heading, Paragraph, Plot, Section, SectionContext, Table
 
 PLOT = "loss.png"
 INPUT_CHARS = 120  # a held-out input can be a whole article; the table shows its start
@@ -53,8 +34,8 @@ def read_outputs(stage_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]],
                                              list[dict[str, Any]]]:
     """summary.json, metrics.jsonl, eval.jsonl and generations.jsonl of an sft stage folder."""
     summary = json.loads((stage_dir / "summary.json").read_text(encoding="utf-8"))
-    return (summary, read_jsonl(stage_dir / "metrics.jsonl"), read_jsonl(stage_dir / "eval.jsonl"),
-            read_jsonl(stage_dir / "generations.jsonl"))
+    return (summary, kit.read_jsonl(stage_dir / "metrics.jsonl"), kit.read_jsonl(stage_dir / "eval.jsonl"),
+            kit.read_jsonl(stage_dir / "generations.jsonl"))
 
 
 def stage_blocks(stage_dir: Path) -> list:
@@ -68,16 +49,16 @@ def write_report(stage_dir: Path) -> None:
     plot = plot_loss(steps, evals)
     (stage_dir / PLOT).write_bytes(plot.png)
     blocks = build_blocks(summary, steps, evals, generations, plot)
-    write_text(stage_dir / "report.md", render_markdown(blocks, {id(plot): PLOT}))
-    write_text(stage_dir / "report.html", render_html(blocks, title(summary)))
+    kit.write_text(stage_dir / "report.md", kit.render_markdown(blocks, {id(plot): PLOT}))
+    kit.write_text(stage_dir / "report.html", kit.render_html(blocks, title(summary)))
 
 
 def report_section(ctx: SectionContext) -> Section:
     """The run report's section (StageSpec.report_section of sft): this report, the plot linked from report.md."""
     blocks = stage_blocks(ctx.stage_dir)
-    return stage_report_section(ctx, "Instruction tuning", blocks,
+    return kit.stage_report_section(ctx, "Instruction tuning", blocks,
                                 ("summary.json", "metrics.jsonl", "eval.jsonl", "generations.jsonl"),
-                                saved_plot(ctx.stage_dir, blocks, PLOT))
+                                kit.saved_plot(ctx.stage_dir, blocks, PLOT))
 
 
 def title(summary: dict[str, Any]) -> str:
@@ -174,8 +155,8 @@ def eval_table(evals: list[dict[str, Any]]) -> Table:
 
 def generation_table(generations: list[dict[str, Any]]) -> Table:
     # A leading number column: the renderer's CSS keeps first cells on one line, which suits a number, not a prompt.
-    rows = [[str(i), text_cell(g["instruction"]), text_cell(shorten(one_line(g["input"]), INPUT_CHARS)),
-             text_cell(g["reference"]), text_cell(g["base_output"]), text_cell(g["output"])]
+    rows = [[str(i), kit.text_cell(g["instruction"]), kit.text_cell(kit.shorten(kit.one_line(g["input"]), INPUT_CHARS)),
+             kit.text_cell(g["reference"]), kit.text_cell(g["base_output"]), kit.text_cell(g["output"])]
             for i, g in enumerate(generations, start=1)]
     return Table(["#", "instruction", "input", "reference", "base model", "tuned"], rows,
                  [True, False, False, False, False, False])
@@ -205,8 +186,8 @@ def plot_loss(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Plot:
     from matplotlib.ticker import MaxNLocator
 
     # Labels are ASCII, so the default style's DejaVu Sans suffices.
-    with plot_style():
-        fig, ax = figure(8, 4)
+    with kit.plot_style():
+        fig, ax = kit.figure(8, 4)
         if steps:
             ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="#999999", lw=1,
                     label="training (per step)")
@@ -218,7 +199,7 @@ def plot_loss(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Plot:
         if steps or evals:
             ax.legend(frameon=False)
         ax.grid(alpha=0.3)
-        image = png(fig)
+        image = kit.png(fig)
     return Plot(image, "training and held-out loss per step",
                 "Training loss per optimizer step (grey) and held-out loss at each evaluation (red), "
                 "both in nats per response token.")

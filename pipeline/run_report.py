@@ -28,20 +28,9 @@ from typing import Any
 
 import yaml
 
+from pipeline import reportkit as kit
 from pipeline.errors import JpadaptError
-from pipeline.reportkit import (
-    DASH,
-    Block,
-    Bullets,
-    Heading,
-    Paragraph,
-    Section,
-    SectionContext,
-    Table,
-    render_html,
-    render_markdown,
-    write_texts_atomically,
-)
+from pipeline.reportkit import DASH, Block, Bullets, Heading, Paragraph, Section, SectionContext, Table
 from pipeline.stage import MANIFEST, StageSpec
 
 REPORT_FILES = ("report.md", "report.html")
@@ -68,8 +57,8 @@ def write_run_report(run_dir: Path) -> list[Path]:
         raise JpadaptError(f"{run_dir}: no committed stage to report on (run a stage first, e.g. `jpadapt run`)")
     blocks, images = build_report(run_dir, stages)
     title = f"Run report: {run_dir.name}"
-    texts = {"report.md": render_markdown(blocks, images), "report.html": render_html(blocks, title)}
-    return write_texts_atomically(run_dir, texts)
+    texts = {"report.md": kit.render_markdown(blocks, images), "report.html": kit.render_html(blocks, title)}
+    return kit.write_texts_atomically(run_dir, texts)
 
 
 def stage_specs() -> list[StageSpec]:

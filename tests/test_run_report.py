@@ -394,7 +394,7 @@ def test_a_failed_write_leaves_the_previous_report_intact(small, tmp_path, monke
     def broken(*args, **kwargs):
         raise RuntimeError("renderer broke")
 
-    monkeypatch.setattr(run_report, "render_html", broken)
+    monkeypatch.setattr(reportkit, "render_html", broken)
     with pytest.raises(RuntimeError, match="renderer broke"):
         write_run_report(copy)
     assert {name: (copy / name).read_bytes() for name in before} == before

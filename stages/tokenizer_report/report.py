@@ -33,33 +33,9 @@ import matplotlib
 import numpy as np
 from matplotlib.ticker import MaxNLocator, PercentFormatter, StrMethodFormatter
 
+from pipeline import reportkit as kit
 from pipeline.errors import JpadaptError
-from pipeline.reportkit import (
-    Block,
-    Bullets,
-    Definitions,
-    Heading,
-    Paragraph,
-    Plot,
-    Section,
-    SectionContext,
-    Table,
-    cell,
-    figure,
-    fmt_count,
-    fmt_flops,
-    fmt_percent,
-    fmt_ratio,
-    fmt_score,
-    fmt_times,
-    is_missing,
-    read_json,
-    render_html,
-    render_markdown,
-    render_plot,
-    shift_headings,
-    write_text,
-)
+from pipeline.reportkit import Block, Bullets, Definitions, Heading, Paragraph, Plot, Section, SectionContext, Table
 
 SCRIPTS = ("hiragana", "katakana", "kanji", "latin", "digit", "other")
 HISTOGRAM_BINS = ("1", "2", "3", "4", "5", "6", "7", "8+")
@@ -236,7 +212,7 @@ class Column:
 
 
 def make_table(columns: list[Column], records: list[dict[str, Any]]) -> Table:
-    rows = [[cell(r.get(c.key), c.fmt or str) for c in columns] for r in records]
+    rows = [[kit.cell(r.get(c.key), c.fmt or str) for c in columns] for r in records]
     return Table(header=[c.title for c in columns], rows=rows, numeric=[c.fmt is not None for c in columns])
 
 
@@ -249,27 +225,27 @@ def _label_baseline(data: ReportData, records: list[dict[str, Any]]) -> list[dic
 def headline_columns(data: ReportData) -> list[Column]:
     return [
         Column("tokenizer", "tokenizer"),
-        Column("vocab", "vocab_size", fmt_count),
-        Column("tokens", "tokens", fmt_count),
-        Column("chars/token", "chars_per_token", fmt_ratio),
-        Column(f"tokens (and compute) vs {data.baseline}", "relative_tokens", fmt_times),
-        Column(f"chars per {data.context_length:,}-token context", "chars_per_context", fmt_count),
-        Column("byte fallback", "byte_fallback_rate", fmt_percent),
-        Column("partial chars", "partial_char_rate", fmt_percent),
-        Column("tokens/morpheme", "tokens_per_morpheme", fmt_ratio),
-        Column("boundary F1", "boundary_f1", fmt_score),
-        Column("round-trip failures", "roundtrip_failures", fmt_count),
+        Column("vocab", "vocab_size", kit.fmt_count),
+        Column("tokens", "tokens", kit.fmt_count),
+        Column("chars/token", "chars_per_token", kit.fmt_ratio),
+        Column(f"tokens (and compute) vs {data.baseline}", "relative_tokens", kit.fmt_times),
+        Column(f"chars per {data.context_length:,}-token context", "chars_per_context", kit.fmt_count),
+        Column("byte fallback", "byte_fallback_rate", kit.fmt_percent),
+        Column("partial chars", "partial_char_rate", kit.fmt_percent),
+        Column("tokens/morpheme", "tokens_per_morpheme", kit.fmt_ratio),
+        Column("boundary F1", "boundary_f1", kit.fmt_score),
+        Column("round-trip failures", "roundtrip_failures", kit.fmt_count),
     ]
 
 
 def cost_columns(data: ReportData) -> list[Column]:
     return [
         Column("tokenizer", "tokenizer"),
-        Column("tokens", "tokens", fmt_count),
-        Column("bytes/token", "bytes_per_token", fmt_ratio),
-        Column(f"training FLOPs (6·N·D, N = {data.compute_params:,})", "training_flops", fmt_flops),
-        Column(f"compute vs {data.baseline}", "relative_compute", fmt_times),
-        Column(f"chars per {data.context_length:,}-token context", "chars_per_context", fmt_count),
+        Column("tokens", "tokens", kit.fmt_count),
+        Column("bytes/token", "bytes_per_token", kit.fmt_ratio),
+        Column(f"training FLOPs (6·N·D, N = {data.compute_params:,})", "training_flops", kit.fmt_flops),
+        Column(f"compute vs {data.baseline}", "relative_compute", kit.fmt_times),
+        Column(f"chars per {data.context_length:,}-token context", "chars_per_context", kit.fmt_count),
     ]
 
 
@@ -278,37 +254,37 @@ def script_columns(data: ReportData, corpus: str) -> list[Column]:
     rows = data.rows(corpus)
     columns = [Column("tokenizer", "tokenizer")]
     for script in _scripts(data.records):
-        if all(is_missing(r.get(f"tokens_per_char_{script}")) for r in rows):
+        if all(kit.is_missing(r.get(f"tokens_per_char_{script}")) for r in rows):
             continue
         share = _script_share(rows, script)
-        title = script if share is None else f"{script} ({fmt_percent(share)} of chars)"
-        columns.append(Column(title, f"tokens_per_char_{script}", fmt_ratio))
+        title = script if share is None else f"{script} ({kit.fmt_percent(share)} of chars)"
+        columns.append(Column(title, f"tokens_per_char_{script}", kit.fmt_ratio))
     return columns
 
 
 def morpheme_columns() -> list[Column]:
     return [
         Column("tokenizer", "tokenizer"),
-        Column("tokens/morpheme", "tokens_per_morpheme", fmt_ratio),
-        Column("morphemes split over 2+ tokens", "continued_morpheme_rate", fmt_percent),
-        Column("boundary precision", "boundary_precision", fmt_score),
-        Column("boundary recall", "boundary_recall", fmt_score),
-        Column("boundary F1", "boundary_f1", fmt_score),
+        Column("tokens/morpheme", "tokens_per_morpheme", kit.fmt_ratio),
+        Column("morphemes split over 2+ tokens", "continued_morpheme_rate", kit.fmt_percent),
+        Column("boundary precision", "boundary_precision", kit.fmt_score),
+        Column("boundary recall", "boundary_recall", kit.fmt_score),
+        Column("boundary F1", "boundary_f1", kit.fmt_score),
     ]
 
 
 def vocabulary_columns(data: ReportData) -> list[Column]:
     return [
         Column("tokenizer", "tokenizer"),
-        Column("vocab", "vocab_size", fmt_count),
-        Column("Japanese share of vocab", "vocab_japanese_share", fmt_percent),
-        Column("kana share of vocab", "vocab_kana_share", fmt_percent),
-        Column("distinct tokens used", "token_types", fmt_count),
-        Column("distinct kanji in text", "kanji_distinct", fmt_count),
-        Column("kanji as one token (distinct)", "kanji_single_token_distinct_rate", fmt_percent),
-        Column("kanji as one token (occurrences)", "kanji_single_token_occurrence_rate", fmt_percent),
-        Column("jōyō kanji as one token", "joyo_coverage", fmt_percent),
-        Column(f"Rényi efficiency (α = {_alpha(data)})", "renyi_efficiency", fmt_score),
+        Column("vocab", "vocab_size", kit.fmt_count),
+        Column("Japanese share of vocab", "vocab_japanese_share", kit.fmt_percent),
+        Column("kana share of vocab", "vocab_kana_share", kit.fmt_percent),
+        Column("distinct tokens used", "token_types", kit.fmt_count),
+        Column("distinct kanji in text", "kanji_distinct", kit.fmt_count),
+        Column("kanji as one token (distinct)", "kanji_single_token_distinct_rate", kit.fmt_percent),
+        Column("kanji as one token (occurrences)", "kanji_single_token_occurrence_rate", kit.fmt_percent),
+        Column("jōyō kanji as one token", "joyo_coverage", kit.fmt_percent),
+        Column(f"Rényi efficiency (α = {_alpha(data)})", "renyi_efficiency", kit.fmt_score),
     ]
 
 
@@ -316,13 +292,13 @@ def group_columns(data: ReportData) -> list[Column]:
     return [
         Column("group", "group"),
         Column("tokenizer", "tokenizer"),
-        Column("documents", "documents", fmt_count),
-        Column("chars", "chars", fmt_count),
-        Column("chars/token", "chars_per_token", fmt_ratio),
-        Column(f"tokens vs {data.baseline}", "relative_tokens", fmt_times),
-        Column("byte fallback", "byte_fallback_rate", fmt_percent),
-        Column("tokens/morpheme", "tokens_per_morpheme", fmt_ratio),
-        Column("boundary F1", "boundary_f1", fmt_score),
+        Column("documents", "documents", kit.fmt_count),
+        Column("chars", "chars", kit.fmt_count),
+        Column("chars/token", "chars_per_token", kit.fmt_ratio),
+        Column(f"tokens vs {data.baseline}", "relative_tokens", kit.fmt_times),
+        Column("byte fallback", "byte_fallback_rate", kit.fmt_percent),
+        Column("tokens/morpheme", "tokens_per_morpheme", kit.fmt_ratio),
+        Column("boundary F1", "boundary_f1", kit.fmt_score),
     ]
 
 
@@ -340,7 +316,7 @@ def _script_share(rows: list[dict[str, Any]], script: str) -> float | None:
     """Share of the corpus's characters in `script` (a property of the text, so any tokenizer's row will do)."""
     for r in rows:
         chars, script_chars = r.get("chars"), r.get(f"script_chars_{script}")
-        if not is_missing(chars) and not is_missing(script_chars) and chars > 0:
+        if not kit.is_missing(chars) and not kit.is_missing(script_chars) and chars > 0:
             return script_chars / chars
     return None
 
@@ -349,7 +325,7 @@ def _value(data: ReportData, tokenizer: str, corpus: str, key: str, group: str =
     """A metric as a float for plotting; NaN when the record or the metric is missing."""
     record = data.get(tokenizer, corpus, group)
     value = None if record is None else record.get(key)
-    return math.nan if is_missing(value) else float(value)
+    return math.nan if kit.is_missing(value) else float(value)
 
 
 def japanese_corpus(corpora: list[str]) -> str:
@@ -398,11 +374,11 @@ def summary_lines(data: ReportData) -> list[str]:
     for r in data.records:
         if r["group"]:
             continue
-        if not is_missing(r.get("byte_fallback_rate")) and r["byte_fallback_rate"] >= 0.05:
-            lines.append(f"{r['tokenizer']} spells {fmt_percent(r['byte_fallback_rate'])} of its tokens on "
+        if not kit.is_missing(r.get("byte_fallback_rate")) and r["byte_fallback_rate"] >= 0.05:
+            lines.append(f"{r['tokenizer']} spells {kit.fmt_percent(r['byte_fallback_rate'])} of its tokens on "
                          f"{r['corpus']} as single UTF-8 bytes (byte fallback): those characters are not in its "
                          f"vocabulary.")
-        if not is_missing(r.get("roundtrip_failures")) and r["roundtrip_failures"] > 0:
+        if not kit.is_missing(r.get("roundtrip_failures")) and r["roundtrip_failures"] > 0:
             lines.append(f"{r['tokenizer']}: {r['roundtrip_failures']:,} documents of {r['corpus']} do not "
                          f"round-trip (decode(encode(text)) != text); its counts describe normalized text.")
     return [line for line in lines if line]
@@ -410,28 +386,28 @@ def summary_lines(data: ReportData) -> list[str]:
 
 def corpus_summary(data: ReportData, corpus: str) -> str:
     """One sentence: who spends the fewest tokens on this corpus and what that buys against the baseline."""
-    rows = [r for r in data.rows(corpus) if not is_missing(r.get("chars_per_token"))]
+    rows = [r for r in data.rows(corpus) if not kit.is_missing(r.get("chars_per_token"))]
     if not rows:
         return f"{corpus}: no tokenizer has a chars/token figure."
     best = max(rows, key=lambda r: r["chars_per_token"])
     worst = min(rows, key=lambda r: r["chars_per_token"])
     base = data.get(data.baseline, corpus) or {}
-    line = f"{corpus}: {best['tokenizer']} spends the fewest tokens ({fmt_ratio(best['chars_per_token'])} chars/token"
-    if best["tokenizer"] != data.baseline and not is_missing(best.get("relative_compute")):
-        line += (f", {fmt_times(best['relative_compute'])} the tokens and training compute of {data.baseline}")
+    line = f"{corpus}: {best['tokenizer']} spends the fewest tokens ({kit.fmt_ratio(best['chars_per_token'])} chars/token"
+    if best["tokenizer"] != data.baseline and not kit.is_missing(best.get("relative_compute")):
+        line += (f", {kit.fmt_times(best['relative_compute'])} the tokens and training compute of {data.baseline}")
     line += ")"
-    if not is_missing(best.get("chars_per_context")) and not is_missing(base.get("chars_per_context")) \
+    if not kit.is_missing(best.get("chars_per_context")) and not kit.is_missing(base.get("chars_per_context")) \
             and best["tokenizer"] != data.baseline:
-        line += (f"; a {data.context_length:,}-token context holds {fmt_count(best['chars_per_context'])} characters "
-                 f"with it vs {fmt_count(base['chars_per_context'])} with {data.baseline}")
+        line += (f"; a {data.context_length:,}-token context holds {kit.fmt_count(best['chars_per_context'])} characters "
+                 f"with it vs {kit.fmt_count(base['chars_per_context'])} with {data.baseline}")
     if worst is not best:
-        line += f". Most tokens: {worst['tokenizer']} ({fmt_ratio(worst['chars_per_token'])} chars/token)"
+        line += f". Most tokens: {worst['tokenizer']} ({kit.fmt_ratio(worst['chars_per_token'])} chars/token)"
     return line + "."
 
 
 def corpus_sentence(data: ReportData, corpus: str) -> str:
     info = data.corpus_info.get(corpus) or {}
-    parts = [f"{fmt_count(info[k])} {label}" if not is_missing(info.get(k)) else f"{label}: n/a"
+    parts = [f"{kit.fmt_count(info[k])} {label}" if not kit.is_missing(info.get(k)) else f"{label}: n/a"
              for k, label in (("documents", "documents"), ("chars", "characters"), ("bytes", "UTF-8 bytes"),
                               ("morphemes", "morphemes"))]
     return ", ".join(parts) + "."
@@ -479,7 +455,7 @@ def morpheme_section(data: ReportData, ja: str) -> list[Block]:
     ]
     for corpus in data.corpora:
         rows = data.rows(corpus)
-        if all(is_missing(r.get("tokens_per_morpheme")) for r in rows):
+        if all(kit.is_missing(r.get("tokens_per_morpheme")) for r in rows):
             continue  # no morpheme counts for this corpus (e.g. English)
         blocks += [Heading(corpus, 3), make_table(morpheme_columns(), rows)]
     return blocks
@@ -489,7 +465,7 @@ def vocabulary_section(data: ReportData) -> list[Block]:
     blocks: list[Block] = [Heading("Kanji coverage and vocabulary", 2)]
     for corpus in data.corpora:
         rows = data.rows(corpus)
-        if all(is_missing(r.get("kanji_single_token_occurrence_rate")) for r in rows) and corpus != data.corpora[0]:
+        if all(kit.is_missing(r.get("kanji_single_token_occurrence_rate")) for r in rows) and corpus != data.corpora[0]:
             continue  # a corpus without kanji adds nothing beyond the vocabulary columns already shown
         blocks += [Heading(corpus, 3), make_table(vocabulary_columns(data), rows)]
     return blocks
@@ -512,7 +488,7 @@ def group_section(data: ReportData) -> list[Block]:
 
 def tokenizer_section(data: ReportData) -> list[Block]:
     columns = [Column("tokenizer", "tokenizer"), Column("source", "source"), Column("kind", "kind"),
-               Column("vocab", "vocab_size", fmt_count)]
+               Column("vocab", "vocab_size", kit.fmt_count)]
     rows = [{"tokenizer": t, **(data.tokenizer_info.get(t) or {})} for t in data.tokenizers]
     # tokenizer.compare writes "library_versions"; the documented layout names it "tokenizer_library_versions".
     versions = data.settings.get("tokenizer_library_versions") or data.settings.get("library_versions") or {}
@@ -623,9 +599,9 @@ def plot_chars_per_token(data: ReportData) -> Plot:
     values = {c: [_value(data, t, c, "chars_per_token") for t in tokenizers] for c in corpora}
 
     def draw(labels: dict[str, str]) -> Any:
-        fig, ax = figure(9, 4.2)
+        fig, ax = kit.figure(9, 4.2)
         series = [(labels[c], values[c], CORPUS_COLORS[i % len(CORPUS_COLORS)]) for i, c in enumerate(corpora)]
-        _grouped_bars(ax, len(tokenizers), series, fmt_ratio)
+        _grouped_bars(ax, len(tokenizers), series, kit.fmt_ratio)
         ax.set_xticks(np.arange(len(tokenizers)), [labels[t] for t in tokenizers])
         ax.set_ylabel("characters per token (higher = fewer tokens)")
         ax.margins(y=0.1)
@@ -635,25 +611,25 @@ def plot_chars_per_token(data: ReportData) -> Plot:
         return fig
 
     alt = "Bar chart of characters per token. " + "; ".join(
-        f"{c}: " + ", ".join(f"{t} {cell(v, fmt_ratio)}" for t, v in zip(tokenizers, values[c])) for c in corpora)
-    return Plot(render_plot(draw, [*corpora, *tokenizers]), alt,
+        f"{c}: " + ", ".join(f"{t} {kit.cell(v, kit.fmt_ratio)}" for t, v in zip(tokenizers, values[c])) for c in corpora)
+    return Plot(kit.render_plot(draw, [*corpora, *tokenizers]), alt,
                 "Characters per token, per tokenizer and corpus. Higher is better: the same text in fewer tokens.")
 
 
 def plot_script_tokens(data: ReportData, corpus: str) -> Plot:
     rows = data.rows(corpus)
     scripts = [s for s in _scripts(data.records)
-               if not all(is_missing(r.get(f"tokens_per_char_{s}")) for r in rows)]
+               if not all(kit.is_missing(r.get(f"tokens_per_char_{s}")) for r in rows)]
     values = {t: [_value(data, t, corpus, f"tokens_per_char_{s}") for s in scripts] for t in data.tokenizers}
 
     def draw(labels: dict[str, str]) -> Any:
-        fig, ax = figure(9, 4.6)
+        fig, ax = kit.figure(9, 4.6)
         series = [(labels[t], values[t], TOKENIZER_COLORS[i % 10]) for i, t in enumerate(data.tokenizers)]
-        _grouped_bars(ax, len(scripts), series, fmt_ratio, fontsize=7, rotation=90)
+        _grouped_bars(ax, len(scripts), series, kit.fmt_ratio, fontsize=7, rotation=90)
         ticks = []
         for s in scripts:
             share = _script_share(rows, s)
-            ticks.append(s if share is None else f"{s}\n{fmt_percent(share)} of chars")
+            ticks.append(s if share is None else f"{s}\n{kit.fmt_percent(share)} of chars")
         ax.set_xticks(np.arange(len(scripts)), ticks)
         ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
         ax.set_ylabel("tokens per character (lower = better)")
@@ -664,9 +640,9 @@ def plot_script_tokens(data: ReportData, corpus: str) -> Plot:
         return fig
 
     alt = f"Bar chart of tokens per character by script on {corpus}. " + "; ".join(
-        f"{s}: " + ", ".join(f"{t} {cell(values[t][j], fmt_ratio)}" for t in data.tokenizers)
+        f"{s}: " + ", ".join(f"{t} {kit.cell(values[t][j], kit.fmt_ratio)}" for t in data.tokenizers)
         for j, s in enumerate(scripts))
-    return Plot(render_plot(draw, [corpus, *data.tokenizers]), alt,
+    return Plot(kit.render_plot(draw, [corpus, *data.tokenizers]), alt,
                 f"Tokens per character for each script on {corpus}; the dashed line is one token per character.")
 
 
@@ -684,14 +660,14 @@ def plot_morpheme_histogram(data: ReportData, corpus: str) -> Plot:
     shares = {t: _histogram_shares(data, t, chosen) for t in data.tokenizers} if chosen else {}
 
     def draw(labels: dict[str, str]) -> Any:
-        fig, ax = figure(9, 4.2)
+        fig, ax = kit.figure(9, 4.2)
         if chosen is None:
             ax.text(0.5, 0.5, "no morpheme counts in these metrics", ha="center", va="center")
             ax.set_axis_off()
             return fig
         x = np.arange(len(HISTOGRAM_BINS))
         for i, t in enumerate(data.tokenizers):
-            tpm = cell(_value(data, t, chosen, "tokens_per_morpheme"), fmt_ratio)
+            tpm = kit.cell(_value(data, t, chosen, "tokens_per_morpheme"), kit.fmt_ratio)
             ax.plot(x, [100 * v for v in shares[t]], marker="o", color=TOKENIZER_COLORS[i % 10],
                     label=f"{labels[t]} ({tpm} tokens/morpheme)")
         ax.set_xticks(x, list(HISTOGRAM_BINS))
@@ -708,11 +684,11 @@ def plot_morpheme_histogram(data: ReportData, corpus: str) -> Plot:
         alt = "No morpheme counts in these metrics."
     else:
         alt = f"Line chart of the share of morphemes spread over 1 to 8+ tokens on {chosen}. " + "; ".join(
-            f"{t}: " + ", ".join(f"{b} {cell(v, fmt_percent)}" for b, v in zip(HISTOGRAM_BINS, shares[t]))
+            f"{t}: " + ", ".join(f"{b} {kit.cell(v, kit.fmt_percent)}" for b, v in zip(HISTOGRAM_BINS, shares[t]))
             for t in data.tokenizers)
     caption = ("Distribution of tokens per morpheme (fugashi, unidic-lite) on " + (chosen or "no corpus") +
                ": more mass at 1 means tokens that keep Japanese words whole.")
-    return Plot(render_plot(draw, [*(c for c in [chosen] if c), *data.tokenizers]), alt, caption)
+    return Plot(kit.render_plot(draw, [*(c for c in [chosen] if c), *data.tokenizers]), alt, caption)
 
 
 def plot_cost(data: ReportData) -> Plot:
@@ -721,8 +697,8 @@ def plot_cost(data: ReportData) -> Plot:
     context = {c: [_value(data, t, c, "chars_per_context") for t in tokenizers] for c in corpora}
 
     def draw(labels: dict[str, str]) -> Any:
-        fig, (left, right) = figure(10, 4.8, ncols=2)
-        for ax, values, fmt, ticks in ((left, compute, fmt_times, "{x:g}"), (right, context, fmt_count, "{x:,.0f}")):
+        fig, (left, right) = kit.figure(10, 4.8, ncols=2)
+        for ax, values, fmt, ticks in ((left, compute, kit.fmt_times, "{x:g}"), (right, context, kit.fmt_count, "{x:,.0f}")):
             series = [(labels[c], values[c], CORPUS_COLORS[i % len(CORPUS_COLORS)]) for i, c in enumerate(corpora)]
             _grouped_bars(ax, len(tokenizers), series, fmt, horizontal=True)
             ax.set_yticks(np.arange(len(tokenizers)), [labels[t] for t in tokenizers])
@@ -741,11 +717,11 @@ def plot_cost(data: ReportData) -> Plot:
         return fig
 
     alt = (f"Two bar charts. Training compute relative to {data.baseline}: " + "; ".join(
-        f"{c}: " + ", ".join(f"{t} {cell(v, fmt_times)}" for t, v in zip(tokenizers, compute[c])) for c in corpora)
+        f"{c}: " + ", ".join(f"{t} {kit.cell(v, kit.fmt_times)}" for t, v in zip(tokenizers, compute[c])) for c in corpora)
         + f". Characters per {data.context_length:,}-token context: " + "; ".join(
-        f"{c}: " + ", ".join(f"{t} {cell(v, fmt_count)}" for t, v in zip(tokenizers, context[c])) for c in corpora)
+        f"{c}: " + ", ".join(f"{t} {kit.cell(v, kit.fmt_count)}" for t, v in zip(tokenizers, context[c])) for c in corpora)
         + ".")
-    return Plot(render_plot(draw, [*corpora, *tokenizers]), alt,
+    return Plot(kit.render_plot(draw, [*corpora, *tokenizers]), alt,
                 f"Cost per tokenizer: training compute relative to {data.baseline} for the same text (left) and "
                 f"characters that fit in a {data.context_length:,}-token context (right).")
 
@@ -767,10 +743,10 @@ def write_report(metrics: dict, out_dir: Path, title: str = "Tokenizer efficienc
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = [(out_dir / "metrics.csv", render_csv(data)),
-               (out_dir / "report.md", render_markdown(blocks)),
-               (out_dir / "report.html", render_html(blocks, title))]
+               (out_dir / "report.md", kit.render_markdown(blocks)),
+               (out_dir / "report.html", kit.render_html(blocks, title))]
     for path, text in outputs:
-        write_text(path, text)
+        kit.write_text(path, text)
     return [path for path, _ in outputs]
 
 
@@ -779,9 +755,9 @@ def write_report(metrics: dict, out_dir: Path, title: str = "Tokenizer efficienc
 # ---------------------------------------------------------------------------------------------------------------
 
 def report_section(ctx: SectionContext) -> Section:
-    data = load_report_data(read_json(ctx.stage_dir / "metrics.json"))
+    data = load_report_data(kit.read_json(ctx.stage_dir / "metrics.json"))
     blocks = [Heading("Tokenizer comparison (tokenizer-report)", 2), Paragraph(settings_sentence(data)),
-              Bullets(summary_lines(data)), *shift_headings(headline_section(data), 1),
+              Bullets(summary_lines(data)), *kit.shift_headings(headline_section(data), 1),
               Paragraph("Costs, per-script figures, morpheme alignment, kanji coverage and every metric's definition: "
                         "stages/tokenizer-report/report.html.")]
     return Section("Tokenizer comparison", blocks, "stages/tokenizer-report/metrics.json")
