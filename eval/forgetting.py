@@ -2,7 +2,7 @@
 
     write_report(stage_dir)     # reads summary.json, forgetting.jsonl, metrics.jsonl; writes report.md,
                                 # report.html and forgetting.png
-    stage_blocks(stage_dir)     # the same blocks, for the run report (eval/run_report.py)
+    stage_blocks(stage_dir)     # the same blocks, for the run report (pipeline/run_report.py)
 
 Every number printed comes from those three files, so a test can recompute the report from the run directory.
 Bits per byte is the headline (comparable across vocabularies); loss per token is shown beside it.
@@ -10,32 +10,23 @@ Bits per byte is the headline (comparable across vocabularies); loss per token i
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-from matplotlib import style
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from tokenizer.report import Bullets, Heading, Paragraph, Plot, Table, fmt_flops, render_html, render_markdown
+from pipeline import reportkit as kit
+from pipeline.reportkit import Bullets, Heading, Paragraph, Plot, Section, SectionContext, Table
 
 LANG_NAMES = {"ja": "Japanese", "en": "English"}
 LANG_COLORS = {"ja": "#c0392b", "en": "#3b5b92"}
 PLOT = "forgetting.png"
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+TITLE = "Continued pretraining"
 
 
 def read_outputs(stage_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """summary.json, forgetting.jsonl and metrics.jsonl of a cpt stage folder."""
     summary = json.loads((stage_dir / "summary.json").read_text(encoding="utf-8"))
-    return summary, read_jsonl(stage_dir / "forgetting.jsonl"), read_jsonl(stage_dir / "metrics.jsonl")
+    return summary, kit.read_jsonl(stage_dir / "forgetting.jsonl"), kit.read_jsonl(stage_dir / "metrics.jsonl")
 
 
 def stage_blocks(stage_dir: Path) -> list:
@@ -49,9 +40,15 @@ def write_report(stage_dir: Path) -> None:
     plot = plot_curves(evals, steps)
     (stage_dir / PLOT).write_bytes(plot.png)
     blocks = build_blocks(summary, evals, steps, plot)
-    markdown = render_markdown(blocks, {id(plot): PLOT})
-    (stage_dir / "report.md").write_text(markdown, encoding="utf-8")
-    (stage_dir / "report.html").write_text(render_html(blocks, "Continued pretraining"), encoding="utf-8")
+    kit.write_text(stage_dir / "report.md", kit.render_markdown(blocks, {id(plot): PLOT}))
+    kit.write_text(stage_dir / "report.html", kit.render_html(blocks, TITLE))
+
+
+def report_section(ctx: SectionContext) -> Section:
+    """The run report's section (StageSpec.report_section of cpt): this report, the plot linked from report.md."""
+    blocks = stage_blocks(ctx.stage_dir)
+    return kit.stage_report_section(ctx, TITLE, blocks, ("summary.json", "forgetting.jsonl", "metrics.jsonl"),
+                                kit.saved_plot(ctx.stage_dir, blocks, PLOT))
 
 
 # ---------------------------------------------------------------------------------------------- content
@@ -140,12 +137,12 @@ def saving_lines(saving: dict[str, Any]) -> list[str]:
              "tokens for the same text)")]
     if "flops_saved" in saving:
         lines.append(f"at 6 x N x D with N = {saving['model_params']:,} parameters: "
-                     f"{fmt_flops(saving['flops_saved'])} FLOPs saved")
+                     f"{kit.fmt_flops(saving['flops_saved'])} FLOPs saved")
     return lines
 
 
 def build_blocks(summary: dict[str, Any], evals: list[dict[str, Any]], steps: list[dict[str, Any]], plot: Plot) -> list:
-    blocks: list = [Heading("Continued pretraining", 1), Bullets(setup_lines(summary))]
+    blocks: list = [Heading(TITLE, 1), Bullets(setup_lines(summary))]
     blocks += [Heading("Forgetting curve", 2), plot]
     changes = change_lines(evals)
     if changes:
@@ -168,10 +165,8 @@ def build_blocks(summary: dict[str, Any], evals: list[dict[str, Any]], steps: li
 
 
 def plot_curves(evals: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Plot:
-    with style.context("default"):
-        fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
-        FigureCanvasAgg(fig)
-        left, right = fig.subplots(1, 2)
+    with kit.plot_style():
+        fig, (left, right) = kit.figure(10, 4, ncols=2)
         for lang in languages(evals):
             left.plot([e["step"] for e in evals], [e[lang]["bits_per_byte"] for e in evals], marker="o",
                       color=LANG_COLORS[lang], label=f"{LANG_NAMES[lang]} held-out")
@@ -182,7 +177,6 @@ def plot_curves(evals: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Plo
             right.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="#555555", lw=1)
         right.set(title="Training loss (nats/token, JA+EN mixture)", xlabel="step", ylabel="loss")
         right.grid(alpha=0.3)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", metadata={"Software": None})
-    return Plot(buffer.getvalue(), "forgetting curves",
+        image = kit.png(fig)
+    return Plot(image, "forgetting curves",
                 "Left: held-out bits per byte at every evaluation. Right: training loss per step.")

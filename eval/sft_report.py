@@ -2,7 +2,7 @@
 
     write_report(stage_dir)     # reads summary.json, metrics.jsonl, eval.jsonl, generations.jsonl; writes report.md,
                                 # report.html (self-contained, plot inline) and loss.png
-    stage_blocks(stage_dir)     # the same blocks, for the run report (eval/run_report.py)
+    stage_blocks(stage_dir)     # the same blocks, for the run report (pipeline/run_report.py)
 
 Every number printed comes from those four files, so a test can recompute the report from the run directory.
 eval.jsonl and generations.jsonl may be missing or empty: the report then leaves out what they would have shown.
@@ -11,18 +11,12 @@ Loss is nats per response token throughout: prompt tokens carry no loss, so they
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-from matplotlib import style
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
-from eval.forgetting import read_jsonl
-from tokenizer.report import DASH, Bullets, Heading, Paragraph, Plot, Table, render_html, render_markdown
+from pipeline import reportkit as kit
+from pipeline.reportkit import Bullets, Heading, Paragraph, Plot, Section, SectionContext, Table
 
 PLOT = "loss.png"
 INPUT_CHARS = 120  # a held-out input can be a whole article; the table shows its start
@@ -40,8 +34,8 @@ def read_outputs(stage_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]],
                                              list[dict[str, Any]]]:
     """summary.json, metrics.jsonl, eval.jsonl and generations.jsonl of an sft stage folder."""
     summary = json.loads((stage_dir / "summary.json").read_text(encoding="utf-8"))
-    return (summary, read_jsonl(stage_dir / "metrics.jsonl"), read_jsonl(stage_dir / "eval.jsonl"),
-            read_jsonl(stage_dir / "generations.jsonl"))
+    return (summary, kit.read_jsonl(stage_dir / "metrics.jsonl"), kit.read_jsonl(stage_dir / "eval.jsonl"),
+            kit.read_jsonl(stage_dir / "generations.jsonl"))
 
 
 def stage_blocks(stage_dir: Path) -> list:
@@ -55,11 +49,16 @@ def write_report(stage_dir: Path) -> None:
     plot = plot_loss(steps, evals)
     (stage_dir / PLOT).write_bytes(plot.png)
     blocks = build_blocks(summary, steps, evals, generations, plot)
-    # newline="" keeps "\n" on every platform, so the files are byte-identical everywhere.
-    with (stage_dir / "report.md").open("w", encoding="utf-8", newline="") as f:
-        f.write(render_markdown(blocks, {id(plot): PLOT}))
-    with (stage_dir / "report.html").open("w", encoding="utf-8", newline="") as f:
-        f.write(render_html(blocks, title(summary)))
+    kit.write_text(stage_dir / "report.md", kit.render_markdown(blocks, {id(plot): PLOT}))
+    kit.write_text(stage_dir / "report.html", kit.render_html(blocks, title(summary)))
+
+
+def report_section(ctx: SectionContext) -> Section:
+    """The run report's section (StageSpec.report_section of sft): this report, the plot linked from report.md."""
+    blocks = stage_blocks(ctx.stage_dir)
+    return kit.stage_report_section(ctx, "Instruction tuning", blocks,
+                                ("summary.json", "metrics.jsonl", "eval.jsonl", "generations.jsonl"),
+                                kit.saved_plot(ctx.stage_dir, blocks, PLOT))
 
 
 def title(summary: dict[str, Any]) -> str:
@@ -154,24 +153,10 @@ def eval_table(evals: list[dict[str, Any]]) -> Table:
     return Table(["step", "held-out loss", "response tokens", "examples"], rows, [True] * 4)
 
 
-def one_line(text: str) -> str:
-    """A table cell holds one line: every line break (\\r, \\n, U+2028, ...) becomes a space."""
-    return " ".join(text.splitlines())
-
-
-def shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def text_cell(text: str) -> str:
-    # An empty answer is a finding; a blank cell would hide it.
-    return one_line(text) or DASH
-
-
 def generation_table(generations: list[dict[str, Any]]) -> Table:
     # A leading number column: the renderer's CSS keeps first cells on one line, which suits a number, not a prompt.
-    rows = [[str(i), text_cell(g["instruction"]), text_cell(shorten(one_line(g["input"]), INPUT_CHARS)),
-             text_cell(g["reference"]), text_cell(g["base_output"]), text_cell(g["output"])]
+    rows = [[str(i), kit.text_cell(g["instruction"]), kit.text_cell(kit.shorten(kit.one_line(g["input"]), INPUT_CHARS)),
+             kit.text_cell(g["reference"]), kit.text_cell(g["base_output"]), kit.text_cell(g["output"])]
             for i, g in enumerate(generations, start=1)]
     return Table(["#", "instruction", "input", "reference", "base model", "tuned"], rows,
                  [True, False, False, False, False, False])
@@ -198,11 +183,11 @@ def speed_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def plot_loss(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Plot:
-    # The default style, so a user's matplotlibrc cannot change the report; labels are ASCII, so DejaVu Sans suffices.
-    with style.context("default"):
-        fig = Figure(figsize=(8, 4), dpi=100, layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
+    from matplotlib.ticker import MaxNLocator
+
+    # Labels are ASCII, so the default style's DejaVu Sans suffices.
+    with kit.plot_style():
+        fig, ax = kit.figure(8, 4)
         if steps:
             ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="#999999", lw=1,
                     label="training (per step)")
@@ -214,9 +199,7 @@ def plot_loss(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Plot:
         if steps or evals:
             ax.legend(frameon=False)
         ax.grid(alpha=0.3)
-        buffer = io.BytesIO()
-        # Software=None drops the matplotlib version stamp, so the bytes depend on the data only.
-        fig.savefig(buffer, format="png", metadata={"Software": None})
-    return Plot(buffer.getvalue(), "training and held-out loss per step",
+        image = kit.png(fig)
+    return Plot(image, "training and held-out loss per step",
                 "Training loss per optimizer step (grey) and held-out loss at each evaluation (red), "
                 "both in nats per response token.")

@@ -57,7 +57,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the run report (report.md, report.html at the top of the run directory) from its committed stages."""
     cfg, _ = _load(args)
     root = Pipeline(cfg).rundir.root
-    from eval.run_report import committed_stages, write_run_report
+    from pipeline.run_report import committed_stages, write_run_report
 
     if not committed_stages(root):
         raise JpadaptError(f"{root}: no committed stage to report on yet (run `jpadapt run` first)")
@@ -305,7 +305,7 @@ def _write_run_report(root: Path) -> None:
     """Rewrite the run report after stages ran. The stages' work is committed by now, so a report that cannot be
     written is a warning, not a failed command."""
     try:
-        from eval.run_report import write_run_report
+        from pipeline.run_report import write_run_report
 
         paths = write_run_report(root)
     except Exception as exc:  # noqa: BLE001 - whatever fails here, the stages' work stands

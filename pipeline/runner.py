@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from pipeline import __version__
 from pipeline.config import PipelineConfig, resolved_yaml
 from pipeline.errors import JpadaptError
-from pipeline.fingerprint import ConfigView, explain_change, fingerprint, library_version, stage_state
+from pipeline.fingerprint import ConfigView, explain_change, fingerprint, stage_state
 from pipeline.hashing import HashCache
 from pipeline.paths import display_path
 from pipeline.rundir import RunDir, now_iso
@@ -269,7 +269,7 @@ class Pipeline:
             "upstream": current["upstream"],
             "outputs": outputs,
             "summary": summary,
-            "environment": _environment(spec),
+            "environment": _environment(current["libraries"]),
             "state": current,
         }
 
@@ -326,9 +326,9 @@ def _summary_line(summary: dict[str, Any]) -> str:
     return f" ({', '.join(scalars)})" if scalars else ""
 
 
-def _environment(spec: StageSpec) -> dict[str, Any]:
+def _environment(libraries: dict[str, str]) -> dict[str, Any]:
+    """`libraries`: the versions fingerprinted, i.e. the distributions the stage's code imports."""
     commit, dirty = _git_commit()
-    libraries = {dist: library_version(dist) for dist in ("pydantic", "pyyaml", *spec.libraries)}
     return {
         "jpadapt": __version__,
         "git_commit": commit,

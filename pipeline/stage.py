@@ -9,11 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import JpadaptError
+
+if TYPE_CHECKING:
+    from pipeline.reportkit import Section, SectionContext
 
 # Bookkeeping files in a stage directory that are not outputs (they hold times, pids, logs).
 MANIFEST = "manifest.json"
@@ -39,6 +43,9 @@ class StageSpec:
     libraries: distributions the stage uses without importing them (e.g. safetensors through transformers);
         the code and the versions of the libraries it imports are found by following its imports.
     resumable: keep the work directory of an interrupted attempt with the same fingerprint (checkpoints).
+    report_section: the stage's section of the run report (pipeline/run_report.py), from its committed outputs;
+        None (or a hook that returns None) gives the stage an overview row only. `lazy("module:function")` keeps
+        the report code unimported until the report is written.
     """
 
     name: str
@@ -52,10 +59,23 @@ class StageSpec:
     outputs: tuple[str, ...] = ()
     libraries: tuple[str, ...] = ()
     resumable: bool = False
+    report_section: Callable[[SectionContext], Section | None] | None = None
 
     @property
     def section(self) -> str:
         return self.name.replace("-", "_")
+
+
+def lazy(target: str) -> Callable[..., Any]:
+    """"module:function" as a function that imports the module on its first call, so that listing the stages
+    (every CLI command does) never imports report code and its matplotlib."""
+    module, _, name = target.partition(":")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = target
+    return call
 
 
 @dataclass

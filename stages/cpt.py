@@ -52,7 +52,7 @@ from eval.workers import (
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, run_job
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 LANGS = ("ja", "en")
 CHECKPOINTS = "checkpoints"
@@ -702,6 +702,7 @@ SPEC = StageSpec(
              "report.md", "forgetting.png"),
     libraries=("safetensors",),
     resumable=True,
+    report_section=lazy("eval.forgetting:report_section"),
 )
 
 

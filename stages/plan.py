@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
@@ -41,4 +41,5 @@ SPEC = StageSpec(
             "extend_vocab", "extend_vocab.enabled"),
     inputs=_inputs,
     outputs=("plan.json", "plan.md"),
+    report_section=lazy("eval.plan_report:report_section"),
 )

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.paths import display_path, resolve_files
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 
 def _corpora(cfg: PipelineConfig) -> list[tuple[str, Any]]:
@@ -68,4 +68,5 @@ SPEC = StageSpec(
     params=("data", "prepare", "run.seed"),
     inputs=_inputs,
     outputs=("stats.json",),
+    report_section=lazy("eval.prepare_report:report_section"),
 )

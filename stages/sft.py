@@ -54,7 +54,7 @@ from pipeline import __version__
 from pipeline.config import ModelConfig, PipelineConfig, SftConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, run_job
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 TRAIN_DATA, HELDOUT_DATA = "data/train.npz", "data/heldout.npz"
@@ -888,6 +888,7 @@ SPEC = StageSpec(
     outputs=("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/jpadapt.json",
              "metrics.jsonl", "summary.json", "report.md"),
     libraries=("safetensors",),
+    report_section=lazy("eval.sft_report:report_section"),
 )
 
 

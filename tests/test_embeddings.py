@@ -1,4 +1,4 @@
-"""tokenizer/embeddings.py and eval/models.py: resizing and initialising embeddings for an extended vocabulary.
+"""tokenizer/embeddings.py and pipeline/models.py: resizing and initialising embeddings for an extended vocabulary.
 
 Unit tests use untrained 2-layer LLaMAs from config (tied and untied). The key test trains a tiny LLaMA on the
 bundled Japanese text with its own SentencePiece tokenizer, extends that tokenizer the Chinese-LLaMA way and
@@ -59,7 +59,7 @@ def weights(model) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# eval/models.py
+# pipeline/models.py
 
 
 def test_model_from_config_is_seeded_and_leaves_the_global_rng_alone():

@@ -38,7 +38,7 @@ def texts(folder: Path, split: str) -> list[str]:
 
 def test_outputs_and_the_report_reproduce_from_the_run_directory(demo: Path) -> None:
     from stages.extend_vocab import EXAMPLES
-    from tokenizer.extension_report import render_report
+    from stages.extend_vocab.report import render_report
 
     stage = demo / STAGE
     summary = read_json(stage / "summary.json")

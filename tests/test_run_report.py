@@ -1,4 +1,4 @@
-"""The run report (eval/run_report.py, `jpadapt report`): one page per run directory, built from the committed
+"""The run report (pipeline/run_report.py, `jpadapt report`): one page per run directory, built from the committed
 stages' files only.
 
 The run directories are real: `jpadapt run` on a tiny pipeline (a 2-layer LLaMA with hidden size 32 over the
@@ -24,9 +24,9 @@ import yaml
 from PIL import Image
 
 from data.assets import stored_path
-from eval import run_report
-from eval.run_report import write_run_report
-from pipeline import cli
+from pipeline import cli, reportkit, run_report
+from pipeline.run_report import write_run_report
+from tests.helpers.jsonl import read_texts
 from tests.helpers.browser import dump_dom
 from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
 from tests.helpers.jsonl import read_jsonl, read_texts
@@ -251,8 +251,8 @@ def test_plan_vs_measured_shows_both_and_says_they_measure_different_things(full
     cpt = read_json(run_dir / "stages" / "cpt" / "summary.json")
     assert times["cpt"]["planned tokens"] == f"{plans['cpt']['compute']['tokens']:,}"
     assert times["cpt"]["trained tokens"] == f"{cpt['tokens_seen']:,}"
-    assert times["cpt"]["measured training time"] == run_report.fmt_seconds(cpt["train_seconds"])
-    assert times["cpt"]["stage duration"] == run_report.fmt_seconds(
+    assert times["cpt"]["measured training time"] == reportkit.fmt_seconds(cpt["train_seconds"])
+    assert times["cpt"]["stage duration"] == reportkit.fmt_seconds(
         read_json(run_dir / "stages" / "cpt" / "manifest.json")["duration_s"])
 
 
@@ -391,13 +391,13 @@ def test_a_failed_write_leaves_the_previous_report_intact(small, tmp_path, monke
     def broken(*args, **kwargs):
         raise RuntimeError("renderer broke")
 
-    monkeypatch.setattr(run_report, "render_html", broken)
+    monkeypatch.setattr(reportkit, "render_html", broken)
     with pytest.raises(RuntimeError, match="renderer broke"):
         write_run_report(copy)
     assert {name: (copy / name).read_bytes() for name in before} == before
     # Writing fails half way (the second rename): each file is still whole, and no temporary file stays behind.
     monkeypatch.undo()
-    real_replace = run_report.os.replace
+    real_replace = reportkit.os.replace
     calls = []
 
     def replace_once(src, dst):
@@ -406,7 +406,7 @@ def test_a_failed_write_leaves_the_previous_report_intact(small, tmp_path, monke
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(run_report.os, "replace", replace_once)
+    monkeypatch.setattr(reportkit.os, "replace", replace_once)
     with pytest.raises(OSError, match="disk full"):
         write_run_report(copy)
     assert (copy / "report.html").read_bytes() == before["report.html"]

@@ -1,4 +1,4 @@
-"""tokenizer/report.py: metrics.csv, report.md and report.html from a realistic metrics fixture.
+"""stages/tokenizer_report/report.py: metrics.csv, report.md and report.html from a realistic metrics fixture.
 
 The fixture (tests/fixtures/tokenizer_metrics.json) has 5 tokenizers x 2 corpora with three genre groups on the
 Japanese corpus, and nulls where a real run has them (no morphemes on English, no kanji there).
@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import reportkit
 from pipeline.errors import JpadaptError
+from stages.tokenizer_report import report
+from stages.tokenizer_report.report import write_report
 from tests.helpers.browser import dump_dom, run_chromium
 from tests.helpers.markdown import table_rows
-from tokenizer import report
-from tokenizer.report import write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer_metrics.json"
 IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"([^>]*)>')
@@ -296,12 +297,12 @@ def test_non_ascii_tokenizer_name_plots_without_missing_glyphs(metrics, tmp_path
 
 
 def test_plot_labels_fall_back_to_escapes_without_a_cjk_font(monkeypatch):
-    monkeypatch.setattr(report, "_cjk_font", lambda: None)
-    labels, families = report.plot_labels(["llama2", "日本", "a$b"])
+    monkeypatch.setattr(reportkit, "cjk_font", lambda: None)
+    labels, families = reportkit.plot_labels(["llama2", "日本", "a$b"])
     assert families == ["DejaVu Sans"]
     assert labels == {"llama2": "llama2", "日本": "\\u65e5\\u672c", "a$b": "a\\$b"}
-    monkeypatch.setattr(report, "_cjk_font", lambda: "Noto Sans CJK JP")
-    labels, families = report.plot_labels(["日本"])
+    monkeypatch.setattr(reportkit, "cjk_font", lambda: "Noto Sans CJK JP")
+    labels, families = reportkit.plot_labels(["日本"])
     assert families == ["DejaVu Sans", "Noto Sans CJK JP"] and labels == {"日本": "日本"}
 
 

@@ -200,7 +200,7 @@ def reference_notes(metrics: dict[str, Any], stem: str, text_note: str) -> list[
 
 def write_outputs(metrics: dict[str, Any], out_dir: Path) -> list[Path]:
     """metrics.json + the rendered report, written to a temporary folder first and moved into place."""
-    from tokenizer.report import write_report
+    from stages.tokenizer_report.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".partial-{os.getpid()}"

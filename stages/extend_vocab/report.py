@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenizer.report import Bullets, Heading, Paragraph, Table, render_markdown
+from pipeline.reportkit import Bullets, Heading, Paragraph, Section, SectionContext, Table, read_json, render_markdown
 
 CORPUS_TITLES = {"ja_heldout": "Japanese held-out", "en_heldout": "English held-out"}
 
 
-def _efficiency_table(summary: dict[str, Any]) -> Table:
+def efficiency_table(summary: dict[str, Any]) -> Table:
     rows = []
     for stem, row in summary["efficiency"].items():
         rows.append([
@@ -75,7 +75,7 @@ def render_report(summary: dict[str, Any], records: list[dict[str, Any]], exampl
             + (f" {unused:,} new tokens never occur in the training text." if unused else "")
         ),
         Heading("Efficiency on the held-out text", 2),
-        _efficiency_table(summary),
+        efficiency_table(summary),
         Paragraph("Full before/after tokenizer report with plots: comparison/report.html."),
         Heading("Invariants", 2),
         Bullets(["every base and special token keeps its id; new ids follow the base's last id", *_invariant_lines(summary)]),
@@ -98,3 +98,31 @@ def render_report(summary: dict[str, Any], records: list[dict[str, Any]], exampl
         _examples_table(records, examples),
     ]
     return render_markdown(blocks)
+
+
+def report_section(ctx: SectionContext) -> Section:
+    """The run report's section (StageSpec.report_section): the efficiency table of this stage's own report."""
+    summary = read_json(ctx.stage_dir / "summary.json")
+    lines = [
+        f"base tokenizer: {summary['base']} ({summary['kind']}), {summary['base_size']:,} ids",
+        (f"new tokens: {summary['new_tokens']:,} ({summary['algorithm']}"
+         + (", on fugashi morphemes" if summary.get("morpheme_pretokenize") else "")
+         + f", learned from {summary['training_chars']:,} characters)"),
+        f"total: {summary['tokenizer_size']:,} ids",
+    ]
+    ja = (summary.get("efficiency") or {}).get("ja_heldout")
+    if ja:
+        lines.append(f"Japanese held-out chars/token: {ja['base_chars_per_token']:.3f} -> "
+                     f"{ja['extended_chars_per_token']:.3f} ({ja['chars_per_token_ratio']:.3f}x); tokens "
+                     f"{ja['base_tokens']:,} -> {ja['extended_tokens']:,} ({100 * ja['token_change']:+.1f}%)")
+    model = summary.get("model")
+    if model:
+        lines.append(f"model embeddings: {model['rows_before']:,} -> {model['rows_after']:,} rows, new rows "
+                     f"initialized with `{model['method']}`" + (", input and output embeddings tied"
+                                                               if model.get("tied") else ""))
+    else:
+        lines.append("model embeddings: not resized (the YAML names no model; the tokenizer alone was extended)")
+    blocks = [Heading("Vocabulary extension (extend-vocab)", 2), Bullets(lines), efficiency_table(summary),
+              Paragraph("The new tokens, invariants and the full before/after comparison: stages/extend-vocab/"
+                        "report.md and stages/extend-vocab/comparison/report.html.")]
+    return Section("Vocabulary extension", blocks, "stages/extend-vocab/summary.json")

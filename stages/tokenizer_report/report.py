@@ -21,24 +21,21 @@ Outputs:
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import math
-import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib import font_manager, style
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter, StrMethodFormatter
 
+from pipeline import reportkit as kit
 from pipeline.errors import JpadaptError
+from pipeline.reportkit import Block, Bullets, Definitions, Heading, Paragraph, Plot, Section, SectionContext, Table
 
 SCRIPTS = ("hiragana", "katakana", "kanji", "latin", "digit", "other")
 HISTOGRAM_BINS = ("1", "2", "3", "4", "5", "6", "7", "8+")
@@ -64,13 +61,8 @@ CSV_COLUMNS: tuple[str, ...] = KEY_COLUMNS + tuple(
     f"{name}_{sub}" if subs else name for name, subs in METRIC_LAYOUT for sub in (subs or (None,))
 )
 
-DASH = "–"  # shown for a null metric (not computable, e.g. tokens/morpheme on a corpus without morphemes)
-DPI = 100  # figures are sized in inches: 9 x 4.2 in -> 900 x 420 px
 TOKENIZER_COLORS = [matplotlib.colormaps["tab10"](i) for i in range(10)]
 CORPUS_COLORS = ["#3b5b92", "#e08a2c", "#5a9e6f", "#9b59b6", "#7f7f7f"]
-# Fonts with Japanese glyphs, tried in order when a plot label is not ASCII (DejaVu Sans, matplotlib's default, has none).
-CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans JP", "IPAexGothic", "IPAGothic", "TakaoGothic", "VL Gothic",
-             "Source Han Sans JP", "Hiragino Sans", "Yu Gothic", "MS Gothic")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,15 +163,11 @@ def load_report_data(metrics: dict[str, Any]) -> ReportData:
 
 def _require(mapping: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in mapping:
-        raise JpadaptError(f"{where} has no {key!r} key (see tokenizer/report.py for the layout)")
+        raise JpadaptError(f"{where} has no {key!r} key (see stages/tokenizer_report/report.py for the layout)")
     if not isinstance(mapping[key], kind):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise JpadaptError(f"{where}[{key!r}] must be {names}, got {mapping[key]!r}")
     return mapping[key]
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,42 +200,7 @@ def render_csv(data: ReportData) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Number formats (one place, so md and html agree)
-# ---------------------------------------------------------------------------------------------------------------
-
-def fmt_count(v: float) -> str:
-    return f"{v:,.0f}"
-
-
-def fmt_ratio(v: float) -> str:
-    return f"{v:.2f}"
-
-
-def fmt_score(v: float) -> str:
-    return f"{v:.3f}"
-
-
-def fmt_times(v: float) -> str:
-    return f"{v:.2f}×"
-
-
-def fmt_percent(v: float) -> str:
-    # A handful of byte-fallback pieces in a million tokens must not read as "0.0%", which looks like none at all.
-    if 0 < abs(v) < 0.0005:
-        return "<0.1%"
-    return f"{100 * v:.1f}%"
-
-
-def fmt_flops(v: float) -> str:
-    return f"{v:.2e}"
-
-
-def cell(value: Any, fmt: Callable[[Any], str]) -> str:
-    return DASH if _missing(value) else fmt(value)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Document model: blocks rendered by both the Markdown and the HTML writer
+# Tables (blocks of pipeline/reportkit.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -257,46 +210,9 @@ class Column:
     fmt: Callable[[Any], str] | None = None  # None: text, shown as is and left-aligned
 
 
-@dataclass(frozen=True)
-class Heading:
-    text: str
-    level: int
-
-
-@dataclass(frozen=True)
-class Paragraph:
-    text: str
-
-
-@dataclass(frozen=True)
-class Bullets:
-    items: list[str]
-
-
-@dataclass(frozen=True)
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-    numeric: list[bool]  # right-align these columns
-
-
-@dataclass(frozen=True)
-class Definitions:
-    items: list[tuple[str, str, str]]  # (name, csv column(s), definition)
-
-
-@dataclass(frozen=True)
-class Plot:
-    png: bytes
-    alt: str
-    caption: str
-
-
-Block = Heading | Paragraph | Bullets | Table | Definitions | Plot
-
 
 def make_table(columns: list[Column], records: list[dict[str, Any]]) -> Table:
-    rows = [[cell(r.get(c.key), c.fmt or str) for c in columns] for r in records]
+    rows = [[kit.cell(r.get(c.key), c.fmt or str) for c in columns] for r in records]
     return Table(header=[c.title for c in columns], rows=rows, numeric=[c.fmt is not None for c in columns])
 
 
@@ -309,27 +225,27 @@ def _label_baseline(data: ReportData, records: list[dict[str, Any]]) -> list[dic
 def headline_columns(data: ReportData) -> list[Column]:
     return [
         Column("tokenizer", "tokenizer"),
-        Column("vocab", "vocab_size", fmt_count),
-        Column("tokens", "tokens", fmt_count),
-        Column("chars/token", "chars_per_token", fmt_ratio),
-        Column(f"tokens (and compute) vs {data.baseline}", "relative_tokens", fmt_times),
-        Column(f"chars per {data.context_length:,}-token context", "chars_per_context", fmt_count),
-        Column("byte fallback", "byte_fallback_rate", fmt_percent),
-        Column("partial chars", "partial_char_rate", fmt_percent),
-        Column("tokens/morpheme", "tokens_per_morpheme", fmt_ratio),
-        Column("boundary F1", "boundary_f1", fmt_score),
-        Column("round-trip failures", "roundtrip_failures", fmt_count),
+        Column("vocab", "vocab_size", kit.fmt_count),
+        Column("tokens", "tokens", kit.fmt_count),
+        Column("chars/token", "chars_per_token", kit.fmt_ratio),
+        Column(f"tokens (and compute) vs {data.baseline}", "relative_tokens", kit.fmt_times),
+        Column(f"chars per {data.context_length:,}-token context", "chars_per_context", kit.fmt_count),
+        Column("byte fallback", "byte_fallback_rate", kit.fmt_percent),
+        Column("partial chars", "partial_char_rate", kit.fmt_percent),
+        Column("tokens/morpheme", "tokens_per_morpheme", kit.fmt_ratio),
+        Column("boundary F1", "boundary_f1", kit.fmt_score),
+        Column("round-trip failures", "roundtrip_failures", kit.fmt_count),
     ]
 
 
 def cost_columns(data: ReportData) -> list[Column]:
     return [
         Column("tokenizer", "tokenizer"),
-        Column("tokens", "tokens", fmt_count),
-        Column("bytes/token", "bytes_per_token", fmt_ratio),
-        Column(f"training FLOPs (6·N·D, N = {data.compute_params:,})", "training_flops", fmt_flops),
-        Column(f"compute vs {data.baseline}", "relative_compute", fmt_times),
-        Column(f"chars per {data.context_length:,}-token context", "chars_per_context", fmt_count),
+        Column("tokens", "tokens", kit.fmt_count),
+        Column("bytes/token", "bytes_per_token", kit.fmt_ratio),
+        Column(f"training FLOPs (6·N·D, N = {data.compute_params:,})", "training_flops", kit.fmt_flops),
+        Column(f"compute vs {data.baseline}", "relative_compute", kit.fmt_times),
+        Column(f"chars per {data.context_length:,}-token context", "chars_per_context", kit.fmt_count),
     ]
 
 
@@ -338,37 +254,37 @@ def script_columns(data: ReportData, corpus: str) -> list[Column]:
     rows = data.rows(corpus)
     columns = [Column("tokenizer", "tokenizer")]
     for script in _scripts(data.records):
-        if all(_missing(r.get(f"tokens_per_char_{script}")) for r in rows):
+        if all(kit.is_missing(r.get(f"tokens_per_char_{script}")) for r in rows):
             continue
         share = _script_share(rows, script)
-        title = script if share is None else f"{script} ({fmt_percent(share)} of chars)"
-        columns.append(Column(title, f"tokens_per_char_{script}", fmt_ratio))
+        title = script if share is None else f"{script} ({kit.fmt_percent(share)} of chars)"
+        columns.append(Column(title, f"tokens_per_char_{script}", kit.fmt_ratio))
     return columns
 
 
 def morpheme_columns() -> list[Column]:
     return [
         Column("tokenizer", "tokenizer"),
-        Column("tokens/morpheme", "tokens_per_morpheme", fmt_ratio),
-        Column("morphemes split over 2+ tokens", "continued_morpheme_rate", fmt_percent),
-        Column("boundary precision", "boundary_precision", fmt_score),
-        Column("boundary recall", "boundary_recall", fmt_score),
-        Column("boundary F1", "boundary_f1", fmt_score),
+        Column("tokens/morpheme", "tokens_per_morpheme", kit.fmt_ratio),
+        Column("morphemes split over 2+ tokens", "continued_morpheme_rate", kit.fmt_percent),
+        Column("boundary precision", "boundary_precision", kit.fmt_score),
+        Column("boundary recall", "boundary_recall", kit.fmt_score),
+        Column("boundary F1", "boundary_f1", kit.fmt_score),
     ]
 
 
 def vocabulary_columns(data: ReportData) -> list[Column]:
     return [
         Column("tokenizer", "tokenizer"),
-        Column("vocab", "vocab_size", fmt_count),
-        Column("Japanese share of vocab", "vocab_japanese_share", fmt_percent),
-        Column("kana share of vocab", "vocab_kana_share", fmt_percent),
-        Column("distinct tokens used", "token_types", fmt_count),
-        Column("distinct kanji in text", "kanji_distinct", fmt_count),
-        Column("kanji as one token (distinct)", "kanji_single_token_distinct_rate", fmt_percent),
-        Column("kanji as one token (occurrences)", "kanji_single_token_occurrence_rate", fmt_percent),
-        Column("jōyō kanji as one token", "joyo_coverage", fmt_percent),
-        Column(f"Rényi efficiency (α = {_alpha(data)})", "renyi_efficiency", fmt_score),
+        Column("vocab", "vocab_size", kit.fmt_count),
+        Column("Japanese share of vocab", "vocab_japanese_share", kit.fmt_percent),
+        Column("kana share of vocab", "vocab_kana_share", kit.fmt_percent),
+        Column("distinct tokens used", "token_types", kit.fmt_count),
+        Column("distinct kanji in text", "kanji_distinct", kit.fmt_count),
+        Column("kanji as one token (distinct)", "kanji_single_token_distinct_rate", kit.fmt_percent),
+        Column("kanji as one token (occurrences)", "kanji_single_token_occurrence_rate", kit.fmt_percent),
+        Column("jōyō kanji as one token", "joyo_coverage", kit.fmt_percent),
+        Column(f"Rényi efficiency (α = {_alpha(data)})", "renyi_efficiency", kit.fmt_score),
     ]
 
 
@@ -376,13 +292,13 @@ def group_columns(data: ReportData) -> list[Column]:
     return [
         Column("group", "group"),
         Column("tokenizer", "tokenizer"),
-        Column("documents", "documents", fmt_count),
-        Column("chars", "chars", fmt_count),
-        Column("chars/token", "chars_per_token", fmt_ratio),
-        Column(f"tokens vs {data.baseline}", "relative_tokens", fmt_times),
-        Column("byte fallback", "byte_fallback_rate", fmt_percent),
-        Column("tokens/morpheme", "tokens_per_morpheme", fmt_ratio),
-        Column("boundary F1", "boundary_f1", fmt_score),
+        Column("documents", "documents", kit.fmt_count),
+        Column("chars", "chars", kit.fmt_count),
+        Column("chars/token", "chars_per_token", kit.fmt_ratio),
+        Column(f"tokens vs {data.baseline}", "relative_tokens", kit.fmt_times),
+        Column("byte fallback", "byte_fallback_rate", kit.fmt_percent),
+        Column("tokens/morpheme", "tokens_per_morpheme", kit.fmt_ratio),
+        Column("boundary F1", "boundary_f1", kit.fmt_score),
     ]
 
 
@@ -400,7 +316,7 @@ def _script_share(rows: list[dict[str, Any]], script: str) -> float | None:
     """Share of the corpus's characters in `script` (a property of the text, so any tokenizer's row will do)."""
     for r in rows:
         chars, script_chars = r.get("chars"), r.get(f"script_chars_{script}")
-        if not _missing(chars) and not _missing(script_chars) and chars > 0:
+        if not kit.is_missing(chars) and not kit.is_missing(script_chars) and chars > 0:
             return script_chars / chars
     return None
 
@@ -409,7 +325,7 @@ def _value(data: ReportData, tokenizer: str, corpus: str, key: str, group: str =
     """A metric as a float for plotting; NaN when the record or the metric is missing."""
     record = data.get(tokenizer, corpus, group)
     value = None if record is None else record.get(key)
-    return math.nan if _missing(value) else float(value)
+    return math.nan if kit.is_missing(value) else float(value)
 
 
 def japanese_corpus(corpora: list[str]) -> str:
@@ -458,11 +374,11 @@ def summary_lines(data: ReportData) -> list[str]:
     for r in data.records:
         if r["group"]:
             continue
-        if not _missing(r.get("byte_fallback_rate")) and r["byte_fallback_rate"] >= 0.05:
-            lines.append(f"{r['tokenizer']} spells {fmt_percent(r['byte_fallback_rate'])} of its tokens on "
+        if not kit.is_missing(r.get("byte_fallback_rate")) and r["byte_fallback_rate"] >= 0.05:
+            lines.append(f"{r['tokenizer']} spells {kit.fmt_percent(r['byte_fallback_rate'])} of its tokens on "
                          f"{r['corpus']} as single UTF-8 bytes (byte fallback): those characters are not in its "
                          f"vocabulary.")
-        if not _missing(r.get("roundtrip_failures")) and r["roundtrip_failures"] > 0:
+        if not kit.is_missing(r.get("roundtrip_failures")) and r["roundtrip_failures"] > 0:
             lines.append(f"{r['tokenizer']}: {r['roundtrip_failures']:,} documents of {r['corpus']} do not "
                          f"round-trip (decode(encode(text)) != text); its counts describe normalized text.")
     return [line for line in lines if line]
@@ -470,28 +386,28 @@ def summary_lines(data: ReportData) -> list[str]:
 
 def corpus_summary(data: ReportData, corpus: str) -> str:
     """One sentence: who spends the fewest tokens on this corpus and what that buys against the baseline."""
-    rows = [r for r in data.rows(corpus) if not _missing(r.get("chars_per_token"))]
+    rows = [r for r in data.rows(corpus) if not kit.is_missing(r.get("chars_per_token"))]
     if not rows:
         return f"{corpus}: no tokenizer has a chars/token figure."
     best = max(rows, key=lambda r: r["chars_per_token"])
     worst = min(rows, key=lambda r: r["chars_per_token"])
     base = data.get(data.baseline, corpus) or {}
-    line = f"{corpus}: {best['tokenizer']} spends the fewest tokens ({fmt_ratio(best['chars_per_token'])} chars/token"
-    if best["tokenizer"] != data.baseline and not _missing(best.get("relative_compute")):
-        line += (f", {fmt_times(best['relative_compute'])} the tokens and training compute of {data.baseline}")
+    line = f"{corpus}: {best['tokenizer']} spends the fewest tokens ({kit.fmt_ratio(best['chars_per_token'])} chars/token"
+    if best["tokenizer"] != data.baseline and not kit.is_missing(best.get("relative_compute")):
+        line += (f", {kit.fmt_times(best['relative_compute'])} the tokens and training compute of {data.baseline}")
     line += ")"
-    if not _missing(best.get("chars_per_context")) and not _missing(base.get("chars_per_context")) \
+    if not kit.is_missing(best.get("chars_per_context")) and not kit.is_missing(base.get("chars_per_context")) \
             and best["tokenizer"] != data.baseline:
-        line += (f"; a {data.context_length:,}-token context holds {fmt_count(best['chars_per_context'])} characters "
-                 f"with it vs {fmt_count(base['chars_per_context'])} with {data.baseline}")
+        line += (f"; a {data.context_length:,}-token context holds {kit.fmt_count(best['chars_per_context'])} characters "
+                 f"with it vs {kit.fmt_count(base['chars_per_context'])} with {data.baseline}")
     if worst is not best:
-        line += f". Most tokens: {worst['tokenizer']} ({fmt_ratio(worst['chars_per_token'])} chars/token)"
+        line += f". Most tokens: {worst['tokenizer']} ({kit.fmt_ratio(worst['chars_per_token'])} chars/token)"
     return line + "."
 
 
 def corpus_sentence(data: ReportData, corpus: str) -> str:
     info = data.corpus_info.get(corpus) or {}
-    parts = [f"{fmt_count(info[k])} {label}" if not _missing(info.get(k)) else f"{label}: n/a"
+    parts = [f"{kit.fmt_count(info[k])} {label}" if not kit.is_missing(info.get(k)) else f"{label}: n/a"
              for k, label in (("documents", "documents"), ("chars", "characters"), ("bytes", "UTF-8 bytes"),
                               ("morphemes", "morphemes"))]
     return ", ".join(parts) + "."
@@ -539,7 +455,7 @@ def morpheme_section(data: ReportData, ja: str) -> list[Block]:
     ]
     for corpus in data.corpora:
         rows = data.rows(corpus)
-        if all(_missing(r.get("tokens_per_morpheme")) for r in rows):
+        if all(kit.is_missing(r.get("tokens_per_morpheme")) for r in rows):
             continue  # no morpheme counts for this corpus (e.g. English)
         blocks += [Heading(corpus, 3), make_table(morpheme_columns(), rows)]
     return blocks
@@ -549,7 +465,7 @@ def vocabulary_section(data: ReportData) -> list[Block]:
     blocks: list[Block] = [Heading("Kanji coverage and vocabulary", 2)]
     for corpus in data.corpora:
         rows = data.rows(corpus)
-        if all(_missing(r.get("kanji_single_token_occurrence_rate")) for r in rows) and corpus != data.corpora[0]:
+        if all(kit.is_missing(r.get("kanji_single_token_occurrence_rate")) for r in rows) and corpus != data.corpora[0]:
             continue  # a corpus without kanji adds nothing beyond the vocabulary columns already shown
         blocks += [Heading(corpus, 3), make_table(vocabulary_columns(data), rows)]
     return blocks
@@ -572,7 +488,7 @@ def group_section(data: ReportData) -> list[Block]:
 
 def tokenizer_section(data: ReportData) -> list[Block]:
     columns = [Column("tokenizer", "tokenizer"), Column("source", "source"), Column("kind", "kind"),
-               Column("vocab", "vocab_size", fmt_count)]
+               Column("vocab", "vocab_size", kit.fmt_count)]
     rows = [{"tokenizer": t, **(data.tokenizer_info.get(t) or {})} for t in data.tokenizers]
     # tokenizer.compare writes "library_versions"; the documented layout names it "tokenizer_library_versions".
     versions = data.settings.get("tokenizer_library_versions") or data.settings.get("library_versions") or {}
@@ -586,54 +502,54 @@ def definitions(data: ReportData) -> list[tuple[str, str, str]]:
     """Every metric's definition; the wording is the contract with tokenizer/metrics.py."""
     alpha, n, ctx = _alpha(data), data.compute_params, data.context_length
     return [
-        ("counting", "", "Each record's whole text is encoded once, with no BOS/EOS or other special tokens; every "
-                         "count is a sum over the corpus's records (or a group's)."),
-        ("group", "group", "A label such as genre:fiction restricts every metric to the records with that field "
-                           "value; an empty group is the whole corpus."),
+        ("counting", "", ("Each record's whole text is encoded once, with no BOS/EOS or other special tokens; every "
+                         "count is a sum over the corpus's records (or a group's).")),
+        ("group", "group", ("A label such as genre:fiction restricts every metric to the records with that field "
+                           "value; an empty group is the whole corpus.")),
         ("documents", "documents", "Number of records."),
         ("characters", "chars", "len(text): Unicode code points."),
         ("bytes", "bytes", "Length of the text's UTF-8 encoding."),
-        ("morphemes", "morphemes", "Number of fugashi (unidic-lite) tokens; n/a when the corpus was not analysed "
-                                   "into morphemes."),
+        ("morphemes", "morphemes", ("Number of fugashi (unidic-lite) tokens; n/a when the corpus was not analysed "
+                                   "into morphemes.")),
         ("morphemes no token covers", "uncovered_morphemes",
          "Morphemes that no token overlaps (characters the tokenizer dropped); not in the histogram."),
         ("tokens", "tokens", "Number of tokens the tokenizer produces."),
         ("chars/token", "chars_per_token", "characters / tokens; higher means fewer tokens for the same text."),
         ("bytes/token", "bytes_per_token", "bytes / tokens."),
         ("tokens/morpheme", "tokens_per_morpheme", "tokens / morphemes."),
-        ("byte fallback", "byte_fallback_rate", "Share of tokens that are SentencePiece byte-fallback pieces "
-                                                "(<0x00>…<0xFF>); 0 for byte-level BPE, which has none."),
-        ("partial chars", "partial_char_rate", "Share of tokens whose bytes are not whole UTF-8 characters "
-                                               "(byte-fallback pieces, byte-level BPE fragments of a character)."),
+        ("byte fallback", "byte_fallback_rate", ("Share of tokens that are SentencePiece byte-fallback pieces "
+                                                "(<0x00>…<0xFF>); 0 for byte-level BPE, which has none.")),
+        ("partial chars", "partial_char_rate", ("Share of tokens whose bytes are not whole UTF-8 characters "
+                                               "(byte-fallback pieces, byte-level BPE fragments of a character).")),
         ("morphemes split over 2+ tokens", "continued_morpheme_rate",
          "Share of morphemes overlapped by two or more tokens."),
         ("boundary precision / recall / F1", "boundary_precision, boundary_recall, boundary_f1",
-         "Token boundaries T against morpheme boundaries M (starts and ends of morphemes), compared without "
+         ("Token boundaries T against morpheme boundaries M (starts and ends of morphemes), compared without "
          "whitespace: both are positions in the text with whitespace removed, the text's own edges excluded. "
-         "Precision = |T∩M| / |T|, recall = |T∩M| / |M|, counts summed over the corpus; F1 = their harmonic mean."),
+         "Precision = |T∩M| / |T|, recall = |T∩M| / |M|, counts summed over the corpus; F1 = their harmonic mean.")),
         ("tokens/char by script", "tokens_per_char_<script>",
          f"script_tokens / script_chars for {', '.join(SCRIPTS)}; n/a when the corpus has no such character."),
         ("characters by script", "script_chars_<script>", "Characters of that script."),
         ("tokens by script", "script_tokens_<script>",
-         "Tokens attributed to the script of the first non-space character of the token's span; whitespace-only "
-         "and empty tokens count as other."),
+         ("Tokens attributed to the script of the first non-space character of the token's span; whitespace-only "
+         "and empty tokens count as other.")),
         ("distinct kanji in text", "kanji_distinct", "Number of different kanji in the corpus."),
         ("kanji as one token (distinct)", "kanji_single_token_distinct_rate",
          "Share of those distinct kanji that are a single vocabulary token."),
         ("kanji as one token (occurrences)", "kanji_single_token_occurrence_rate",
          "The same, weighted by how often each kanji occurs in the corpus."),
         ("jōyō kanji as one token", "joyo_coverage",
-         "Share of the 2,136 jōyō kanji that are a single token (the official form or, for 𠮟 塡 剝 頰, the JIS X "
-         "0208 form 叱 填 剥 頬); a vocabulary property, the same for every corpus."),
+         ("Share of the 2,136 jōyō kanji that are a single token (the official form or, for 𠮟 塡 剝 頰, the JIS X "
+         "0208 form 叱 填 剥 頬); a vocabulary property, the same for every corpus.")),
         ("vocab", "vocab_size", "Number of token ids, special and added tokens included."),
         ("Japanese share of vocab", "vocab_japanese_share",
-         "Share of the ids whose text contains hiragana, katakana or kanji (kanji-only tokens include Chinese "
-         "words)."),
+         ("Share of the ids whose text contains hiragana, katakana or kanji (kanji-only tokens include Chinese "
+         "words).")),
         ("kana share of vocab", "vocab_kana_share", "Share of the ids whose text contains hiragana or katakana."),
         ("Rényi efficiency", "renyi_efficiency",
-         f"H_α(p) / log|V| with α = {alpha}, where p is the unigram distribution of token ids on the corpus, "
+         (f"H_α(p) / log|V| with α = {alpha}, where p is the unigram distribution of token ids on the corpus, "
          f"H_α(p) = log(Σ p_i^α) / (1 − α) and |V| = vocab (Zouhar et al. 2023, Tokenization and the "
-         f"Noiseless Channel)."),
+         f"Noiseless Channel).")),
         ("distinct tokens used", "token_types", "Number of different token ids that occur in the encoded corpus."),
         ("round-trip failures", "roundtrip_failures", "Number of records for which decode(encode(text)) != text."),
         ("tokens-per-morpheme histogram", "morpheme_token_histogram_<k>",
@@ -641,9 +557,9 @@ def definitions(data: ReportData) -> list[tuple[str, str, str]]:
         (f"tokens vs {data.baseline}", "relative_tokens",
          f"tokens / tokens of {data.baseline} (the baseline) on the same corpus and group."),
         (f"compute vs {data.baseline}", "relative_compute",
-         f"Ratio of training compute 6·N·D to the baseline's, with D = tokens and the same N = {n:,}, so it "
+         (f"Ratio of training compute 6·N·D to the baseline's, with D = tokens and the same N = {n:,}, so it "
          f"equals the token ratio; below 1 the same text costs less to train on. Equal N is the assumption: a "
-         f"larger vocabulary adds embedding parameters, which this ignores."),
+         f"larger vocabulary adds embedding parameters, which this ignores.")),
         ("training FLOPs", "training_flops", f"6·N·D with N = {n:,} and D = tokens: one pass over the corpus."),
         (f"chars per {ctx:,}-token context", "chars_per_context",
          f"{ctx:,} × chars/token: how much text fits in one context window."),
@@ -651,58 +567,8 @@ def definitions(data: ReportData) -> list[tuple[str, str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plots (matplotlib's Agg renderer on a bare Figure: no pyplot, no global backend switch)
+# Plots (pipeline/reportkit.py's figure and render_plot)
 # ---------------------------------------------------------------------------------------------------------------
-
-def _cjk_font() -> str | None:
-    """An installed font family with Japanese glyphs, or None."""
-    for family in CJK_FONTS:
-        try:
-            font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
-            return family
-        except ValueError:
-            continue
-    return None
-
-
-def plot_labels(names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
-    """Display text for each name, and the font families to draw it with.
-
-    ASCII names are drawn as they are in DejaVu Sans. A non-ASCII name is drawn with a CJK font behind DejaVu in the
-    fallback list when one is installed; otherwise it is spelled with \\u escapes, which stay distinct and readable
-    instead of turning into empty boxes.
-    """
-    names = list(names)
-    families = ["DejaVu Sans"]
-    cjk = _cjk_font() if any(not n.isascii() for n in names) else None
-    if cjk:
-        families.append(cjk)
-    labels = {}
-    for name in names:
-        text = name if (name.isascii() or cjk) else name.encode("ascii", "backslashreplace").decode("ascii")
-        labels[name] = text.replace("$", r"\$")  # a lone '$' would start mathtext
-    return labels, families
-
-
-def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols)
-    return fig, axes
-
-
-def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    # metadata Software=None drops the "matplotlib version ..." text chunk, so the bytes depend on the data only.
-    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _render(draw: Callable[[dict[str, str]], Figure], names: Iterable[str]) -> bytes:
-    """Draw under matplotlib's default style (a user's matplotlibrc must not change the report) and encode."""
-    labels, families = plot_labels(names)
-    with style.context("default"), matplotlib.rc_context({"font.family": families}):
-        return _png(draw(labels))
 
 
 def _grouped_bars(ax: Any, n_groups: int, series: list[tuple[str, list[float], Any]],
@@ -721,7 +587,7 @@ def _grouped_bars(ax: Any, n_groups: int, series: list[tuple[str, list[float], A
             ax.bar_label(bars, labels=texts, padding=2, fontsize=fontsize, rotation=rotation)
 
 
-def _title_and_legend(fig: Figure, title: str, n_series: int) -> None:
+def _title_and_legend(fig: Any, title: str, n_series: int) -> None:
     """Title on top, legend in one row below the axes, outside them so it never covers a bar or its label."""
     fig.suptitle(title)
     handles, labels = fig.axes[0].get_legend_handles_labels()  # panels share their series: list them once
@@ -732,10 +598,10 @@ def plot_chars_per_token(data: ReportData) -> Plot:
     corpora, tokenizers = data.corpora, data.tokenizers
     values = {c: [_value(data, t, c, "chars_per_token") for t in tokenizers] for c in corpora}
 
-    def draw(labels: dict[str, str]) -> Figure:
-        fig, ax = _figure(9, 4.2)
+    def draw(labels: dict[str, str]) -> Any:
+        fig, ax = kit.figure(9, 4.2)
         series = [(labels[c], values[c], CORPUS_COLORS[i % len(CORPUS_COLORS)]) for i, c in enumerate(corpora)]
-        _grouped_bars(ax, len(tokenizers), series, fmt_ratio)
+        _grouped_bars(ax, len(tokenizers), series, kit.fmt_ratio)
         ax.set_xticks(np.arange(len(tokenizers)), [labels[t] for t in tokenizers])
         ax.set_ylabel("characters per token (higher = fewer tokens)")
         ax.margins(y=0.1)
@@ -745,25 +611,25 @@ def plot_chars_per_token(data: ReportData) -> Plot:
         return fig
 
     alt = "Bar chart of characters per token. " + "; ".join(
-        f"{c}: " + ", ".join(f"{t} {cell(v, fmt_ratio)}" for t, v in zip(tokenizers, values[c])) for c in corpora)
-    return Plot(_render(draw, [*corpora, *tokenizers]), alt,
+        f"{c}: " + ", ".join(f"{t} {kit.cell(v, kit.fmt_ratio)}" for t, v in zip(tokenizers, values[c])) for c in corpora)
+    return Plot(kit.render_plot(draw, [*corpora, *tokenizers]), alt,
                 "Characters per token, per tokenizer and corpus. Higher is better: the same text in fewer tokens.")
 
 
 def plot_script_tokens(data: ReportData, corpus: str) -> Plot:
     rows = data.rows(corpus)
     scripts = [s for s in _scripts(data.records)
-               if not all(_missing(r.get(f"tokens_per_char_{s}")) for r in rows)]
+               if not all(kit.is_missing(r.get(f"tokens_per_char_{s}")) for r in rows)]
     values = {t: [_value(data, t, corpus, f"tokens_per_char_{s}") for s in scripts] for t in data.tokenizers}
 
-    def draw(labels: dict[str, str]) -> Figure:
-        fig, ax = _figure(9, 4.6)
+    def draw(labels: dict[str, str]) -> Any:
+        fig, ax = kit.figure(9, 4.6)
         series = [(labels[t], values[t], TOKENIZER_COLORS[i % 10]) for i, t in enumerate(data.tokenizers)]
-        _grouped_bars(ax, len(scripts), series, fmt_ratio, fontsize=7, rotation=90)
+        _grouped_bars(ax, len(scripts), series, kit.fmt_ratio, fontsize=7, rotation=90)
         ticks = []
         for s in scripts:
             share = _script_share(rows, s)
-            ticks.append(s if share is None else f"{s}\n{fmt_percent(share)} of chars")
+            ticks.append(s if share is None else f"{s}\n{kit.fmt_percent(share)} of chars")
         ax.set_xticks(np.arange(len(scripts)), ticks)
         ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
         ax.set_ylabel("tokens per character (lower = better)")
@@ -774,9 +640,9 @@ def plot_script_tokens(data: ReportData, corpus: str) -> Plot:
         return fig
 
     alt = f"Bar chart of tokens per character by script on {corpus}. " + "; ".join(
-        f"{s}: " + ", ".join(f"{t} {cell(values[t][j], fmt_ratio)}" for t in data.tokenizers)
+        f"{s}: " + ", ".join(f"{t} {kit.cell(values[t][j], kit.fmt_ratio)}" for t in data.tokenizers)
         for j, s in enumerate(scripts))
-    return Plot(_render(draw, [corpus, *data.tokenizers]), alt,
+    return Plot(kit.render_plot(draw, [corpus, *data.tokenizers]), alt,
                 f"Tokens per character for each script on {corpus}; the dashed line is one token per character.")
 
 
@@ -793,15 +659,15 @@ def plot_morpheme_histogram(data: ReportData, corpus: str) -> Plot:
                                                 for t in data.tokenizers)), None)
     shares = {t: _histogram_shares(data, t, chosen) for t in data.tokenizers} if chosen else {}
 
-    def draw(labels: dict[str, str]) -> Figure:
-        fig, ax = _figure(9, 4.2)
+    def draw(labels: dict[str, str]) -> Any:
+        fig, ax = kit.figure(9, 4.2)
         if chosen is None:
             ax.text(0.5, 0.5, "no morpheme counts in these metrics", ha="center", va="center")
             ax.set_axis_off()
             return fig
         x = np.arange(len(HISTOGRAM_BINS))
         for i, t in enumerate(data.tokenizers):
-            tpm = cell(_value(data, t, chosen, "tokens_per_morpheme"), fmt_ratio)
+            tpm = kit.cell(_value(data, t, chosen, "tokens_per_morpheme"), kit.fmt_ratio)
             ax.plot(x, [100 * v for v in shares[t]], marker="o", color=TOKENIZER_COLORS[i % 10],
                     label=f"{labels[t]} ({tpm} tokens/morpheme)")
         ax.set_xticks(x, list(HISTOGRAM_BINS))
@@ -818,11 +684,11 @@ def plot_morpheme_histogram(data: ReportData, corpus: str) -> Plot:
         alt = "No morpheme counts in these metrics."
     else:
         alt = f"Line chart of the share of morphemes spread over 1 to 8+ tokens on {chosen}. " + "; ".join(
-            f"{t}: " + ", ".join(f"{b} {cell(v, fmt_percent)}" for b, v in zip(HISTOGRAM_BINS, shares[t]))
+            f"{t}: " + ", ".join(f"{b} {kit.cell(v, kit.fmt_percent)}" for b, v in zip(HISTOGRAM_BINS, shares[t]))
             for t in data.tokenizers)
     caption = ("Distribution of tokens per morpheme (fugashi, unidic-lite) on " + (chosen or "no corpus") +
                ": more mass at 1 means tokens that keep Japanese words whole.")
-    return Plot(_render(draw, [*(c for c in [chosen] if c), *data.tokenizers]), alt, caption)
+    return Plot(kit.render_plot(draw, [*(c for c in [chosen] if c), *data.tokenizers]), alt, caption)
 
 
 def plot_cost(data: ReportData) -> Plot:
@@ -830,9 +696,9 @@ def plot_cost(data: ReportData) -> Plot:
     compute = {c: [_value(data, t, c, "relative_compute") for t in tokenizers] for c in corpora}
     context = {c: [_value(data, t, c, "chars_per_context") for t in tokenizers] for c in corpora}
 
-    def draw(labels: dict[str, str]) -> Figure:
-        fig, (left, right) = _figure(10, 4.8, ncols=2)
-        for ax, values, fmt, ticks in ((left, compute, fmt_times, "{x:g}"), (right, context, fmt_count, "{x:,.0f}")):
+    def draw(labels: dict[str, str]) -> Any:
+        fig, (left, right) = kit.figure(10, 4.8, ncols=2)
+        for ax, values, fmt, ticks in ((left, compute, kit.fmt_times, "{x:g}"), (right, context, kit.fmt_count, "{x:,.0f}")):
             series = [(labels[c], values[c], CORPUS_COLORS[i % len(CORPUS_COLORS)]) for i, c in enumerate(corpora)]
             _grouped_bars(ax, len(tokenizers), series, fmt, horizontal=True)
             ax.set_yticks(np.arange(len(tokenizers)), [labels[t] for t in tokenizers])
@@ -851,128 +717,13 @@ def plot_cost(data: ReportData) -> Plot:
         return fig
 
     alt = (f"Two bar charts. Training compute relative to {data.baseline}: " + "; ".join(
-        f"{c}: " + ", ".join(f"{t} {cell(v, fmt_times)}" for t, v in zip(tokenizers, compute[c])) for c in corpora)
+        f"{c}: " + ", ".join(f"{t} {kit.cell(v, kit.fmt_times)}" for t, v in zip(tokenizers, compute[c])) for c in corpora)
         + f". Characters per {data.context_length:,}-token context: " + "; ".join(
-        f"{c}: " + ", ".join(f"{t} {cell(v, fmt_count)}" for t, v in zip(tokenizers, context[c])) for c in corpora)
+        f"{c}: " + ", ".join(f"{t} {kit.cell(v, kit.fmt_count)}" for t, v in zip(tokenizers, context[c])) for c in corpora)
         + ".")
-    return Plot(_render(draw, [*corpora, *tokenizers]), alt,
+    return Plot(kit.render_plot(draw, [*corpora, *tokenizers]), alt,
                 f"Cost per tokenizer: training compute relative to {data.baseline} for the same text (left) and "
                 f"characters that fit in a {data.context_length:,}-token context (right).")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Markdown
-# ---------------------------------------------------------------------------------------------------------------
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(table: Table) -> str:
-    lines = ["| " + " | ".join(_md_cell(h) for h in table.header) + " |",
-             "|" + "|".join("---:" if num else ":---" for num in table.numeric) + "|"]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
-    return "\n".join(lines)
-
-
-def render_markdown(blocks: list[Block], images: dict[int, str] | None = None) -> str:
-    """Markdown of the blocks. Plots are left to the HTML, except those whose id() is in `images`: they become
-    links to that PNG file (a path relative to the Markdown file)."""
-    parts = []
-    for block in blocks:
-        if isinstance(block, Plot) and images and id(block) in images:
-            parts.append(f"![{block.alt}]({images[id(block)]})")
-        elif isinstance(block, Heading):
-            parts.append("#" * block.level + " " + block.text)
-        elif isinstance(block, Paragraph):
-            parts.append(block.text)
-        elif isinstance(block, Bullets):
-            parts.append("\n".join(f"- {item}" for item in block.items))
-        elif isinstance(block, Table):
-            parts.append(_md_table(block))
-        elif isinstance(block, Definitions):
-            parts.append("\n".join(f"- **{name}**" + (f" (`{key}`)" if key else "") + f": {text}"
-                                   for name, key, text in block.items))
-        # Plots live in report.html only.
-    return "\n\n".join(parts) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# HTML
-# ---------------------------------------------------------------------------------------------------------------
-
-CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", "Hiragino Sans", "Noto Sans CJK JP", "Yu Gothic",
-       Meiryo, sans-serif; color: #1d1d1f; background: #fff; margin: 0; line-height: 1.45; }
-main { max-width: 1120px; margin: 0 auto; padding: 24px 28px 64px; }
-h1 { font-size: 1.7em; margin: 0.2em 0 0.4em; }
-h2 { font-size: 1.3em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
-h3 { font-size: 1.05em; margin: 1.4em 0 0.4em; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 0.4em 0 1em; }
-th, td { padding: 4px 10px; border-bottom: 1px solid #e4e4e4; }
-th { background: #f3f4f6; text-align: left; vertical-align: bottom; }
-td:first-child { white-space: nowrap; }
-th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tbody tr:nth-child(even) { background: #fafafa; }
-figure { margin: 1.2em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; }
-dl dt { font-weight: 600; margin-top: 0.6em; }
-dl dd { margin-left: 1.4em; }
-code { background: #f3f4f6; padding: 0 3px; border-radius: 3px; }
-img[data-broken] { outline: 3px solid #c00; }
-""".strip()
-
-
-def _png_size(png: bytes) -> tuple[int, int]:
-    """Width and height from the PNG header (IHDR comes first: 8-byte signature, length, type, then the sizes)."""
-    return struct.unpack(">II", png[16:24])
-
-
-def _html_table(table: Table) -> str:
-    def cls(num: bool) -> str:
-        return ' class="num"' if num else ""
-
-    head = "".join(f"<th{cls(n)}>{html.escape(h)}</th>" for h, n in zip(table.header, table.numeric))
-    body = "\n".join("<tr>" + "".join(f"<td{cls(n)}>{html.escape(c)}</td>" for c, n in zip(row, table.numeric))
-                     + "</tr>" for row in table.rows)
-    return f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
-
-
-def _html_plot(plot: Plot) -> str:
-    width, height = _png_size(plot.png)
-    data = base64.b64encode(plot.png).decode("ascii")
-    # onerror marks an image the browser could not decode, so a headless check can find it in the DOM.
-    return (f'<figure><img src="data:image/png;base64,{data}" width="{width}" height="{height}" '
-            f'alt="{html.escape(plot.alt)}" onerror="this.setAttribute(\'data-broken\', \'\')">'
-            f"<figcaption>{html.escape(plot.caption)}</figcaption></figure>")
-
-
-def _html_block(block: Block) -> str:
-    if isinstance(block, Heading):
-        return f"<h{block.level}>{html.escape(block.text)}</h{block.level}>"
-    if isinstance(block, Paragraph):
-        return f"<p>{html.escape(block.text)}</p>"
-    if isinstance(block, Bullets):
-        return "<ul>\n" + "\n".join(f"<li>{html.escape(item)}</li>" for item in block.items) + "\n</ul>"
-    if isinstance(block, Table):
-        return _html_table(block)
-    if isinstance(block, Definitions):
-        items = "\n".join(f"<dt>{html.escape(name)}" + (f" <code>{html.escape(key)}</code>" if key else "")
-                          + f"</dt><dd>{html.escape(text)}</dd>" for name, key, text in block.items)
-        return f"<dl>\n{items}\n</dl>"
-    if isinstance(block, Plot):
-        return _html_plot(block)
-    raise TypeError(f"unknown report block {type(block).__name__}")
-
-
-def render_html(blocks: list[Block], title: str) -> str:
-    body = "\n".join(_html_block(b) for b in blocks)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{html.escape(title)}</title>\n<style>\n{CSS}\n</style>\n</head>\n"
-            f"<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -992,10 +743,21 @@ def write_report(metrics: dict, out_dir: Path, title: str = "Tokenizer efficienc
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = [(out_dir / "metrics.csv", render_csv(data)),
-               (out_dir / "report.md", render_markdown(blocks)),
-               (out_dir / "report.html", render_html(blocks, title))]
+               (out_dir / "report.md", kit.render_markdown(blocks)),
+               (out_dir / "report.html", kit.render_html(blocks, title))]
     for path, text in outputs:
-        # newline="" keeps "\n" on every platform, so the files are byte-identical everywhere.
-        with path.open("w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        kit.write_text(path, text)
     return [path for path, _ in outputs]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run report's section (StageSpec.report_section)
+# ---------------------------------------------------------------------------------------------------------------
+
+def report_section(ctx: SectionContext) -> Section:
+    data = load_report_data(kit.read_json(ctx.stage_dir / "metrics.json"))
+    blocks = [Heading("Tokenizer comparison (tokenizer-report)", 2), Paragraph(settings_sentence(data)),
+              Bullets(summary_lines(data)), *kit.shift_headings(headline_section(data), 1),
+              Paragraph("Costs, per-script figures, morpheme alignment, kanji coverage and every metric's definition: "
+                        "stages/tokenizer-report/report.html.")]
+    return Section("Tokenizer comparison", blocks, "stages/tokenizer-report/metrics.json")

@@ -4,7 +4,7 @@
                                 # report.html, bits_per_byte.png and jglue.png
     stage_blocks(stage_dir)     # the same content as blocks + plot files, for the run report
 
-results.json layout (written by stages/evaluate.py):
+results.json layout (written by stages/evaluate/__init__.py):
     {"settings": {evaluate section, "seed", "device"},
      "heldout": {lang: {"documents", "chars", "bytes"}},
      "models": [{"name", "kind", "source", "tokenizer", "adapter", "quantization", "dtype", "vocab_size",
@@ -23,23 +23,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
+from matplotlib import colormaps
 
-from eval.forgetting import LANG_COLORS, LANG_NAMES, read_jsonl
-from eval.sft_report import one_line, shorten, text_cell
-from tokenizer.report import (
-    Bullets,
-    Heading,
-    Paragraph,
-    Plot,
-    Table,
-    _figure,
-    _png,
-    plot_labels,
-    render_html,
-    render_markdown,
-)
+from eval.forgetting import LANG_COLORS, LANG_NAMES
+from pipeline import reportkit as kit
+from pipeline.reportkit import Bullets, Heading, Paragraph, Plot, Section, SectionContext, Table
 
 TITLE = "Evaluation"
 BPB_PLOT = "bits_per_byte.png"
@@ -72,10 +61,15 @@ def write_report(stage_dir: Path) -> None:
     for block in blocks:
         if isinstance(block, Plot):
             (stage_dir / files[id(block)]).write_bytes(block.png)
-    with (stage_dir / "report.md").open("w", encoding="utf-8", newline="") as f:
-        f.write(render_markdown(blocks, files))
-    with (stage_dir / "report.html").open("w", encoding="utf-8", newline="") as f:
-        f.write(render_html(blocks, TITLE))
+    kit.write_text(stage_dir / "report.md", kit.render_markdown(blocks, files))
+    kit.write_text(stage_dir / "report.html", kit.render_html(blocks, TITLE))
+
+
+def report_section(ctx: SectionContext) -> Section:
+    """The run report's section (StageSpec.report_section): this report, with its two plots linked from report.md."""
+    blocks, files = stage_blocks(ctx.stage_dir)
+    return kit.stage_report_section(ctx, TITLE, blocks, ("results.json", "generations.jsonl"), files,
+                                note=", with every prediction behind the JGLUE scores in predictions.jsonl")
 
 
 def stage_blocks(stage_dir: Path) -> tuple[list, dict[int, str]]:
@@ -83,7 +77,7 @@ def stage_blocks(stage_dir: Path) -> tuple[list, dict[int, str]]:
     results = _results(stage_dir)
     bpb, jglue = plot_bits_per_byte(results), plot_jglue(results)
     files = {id(plot): name for name, plot in ((BPB_PLOT, bpb), (JGLUE_PLOT, jglue)) if plot is not None}
-    return _blocks(results, read_jsonl(stage_dir / "generations.jsonl"), bpb, jglue), files
+    return _blocks(results, kit.read_jsonl(stage_dir / "generations.jsonl"), bpb, jglue), files
 
 
 def _results(stage_dir: Path) -> dict[str, Any]:
@@ -213,8 +207,8 @@ def generation_table(generations: list[dict[str, Any]], models: list[str]) -> Ta
     rows = []
     for g in generations:
         prompt = g["prompt"] if not g["input"] else f"{g['prompt']} / {g['input']}"
-        rows.append([g["id"], text_cell(shorten(one_line(prompt), PROMPT_CHARS)), text_cell(g["reference"]),
-                     *(text_cell(g["outputs"].get(name, "")) for name in models)])
+        rows.append([g["id"], kit.text_cell(kit.shorten(kit.one_line(prompt), PROMPT_CHARS)), kit.text_cell(g["reference"]),
+                     *(kit.text_cell(g["outputs"].get(name, "")) for name in models)])
     return Table(["prompt id", "prompt", "reference", *models], rows, [False] * (3 + len(models)))
 
 
@@ -235,9 +229,9 @@ def plot_bits_per_byte(results: dict[str, Any]) -> Plot | None:
     names = [m["name"] for m in results["models"]]
     if not langs or not names:
         return None
-    labels, families = plot_labels(names)
-    with matplotlib.style.context("default"), matplotlib.rc_context({"font.family": families}):
-        fig, ax = _figure(max(6.0, 1.3 * len(names) + 2), 3.8)
+    labels, families = kit.plot_labels(names)
+    with kit.plot_style(families):
+        fig, ax = kit.figure(max(6.0, 1.3 * len(names) + 2), 3.8)
         width = 0.8 / len(langs)
         x = np.arange(len(names))
         for i, lang in enumerate(langs):
@@ -250,8 +244,8 @@ def plot_bits_per_byte(results: dict[str, Any]) -> Plot | None:
         ax.margins(y=0.15)
         ax.legend(frameon=False, loc="lower right")
         fig.suptitle("Held-out bits per byte by model")
-        png = _png(fig)
-    return Plot(png, "Bits per byte of each model on the Japanese and English held-out text",
+        image = kit.png(fig)
+    return Plot(image, "Bits per byte of each model on the Japanese and English held-out text",
                 "Bits per byte on the held-out text, per model (lower is better).")
 
 
@@ -262,10 +256,10 @@ def plot_jglue(results: dict[str, Any]) -> Plot | None:
     if not tasks or not names:
         return None
     shots = sorted({int(k) for per_task in jglue["results"].values() for t in per_task.values() for k in t})
-    colors = matplotlib.colormaps["viridis"](np.linspace(0.15, 0.85, len(shots)))
-    labels, families = plot_labels(names)
-    with matplotlib.style.context("default"), matplotlib.rc_context({"font.family": families}):
-        fig, axes = _figure(max(6.0, (1.2 * len(names) + 1.5) * len(tasks)), 3.8, ncols=len(tasks))
+    colors = colormaps["viridis"](np.linspace(0.15, 0.85, len(shots)))
+    labels, families = kit.plot_labels(names)
+    with kit.plot_style(families):
+        fig, axes = kit.figure(max(6.0, (1.2 * len(names) + 1.5) * len(tasks)), 3.8, ncols=len(tasks))
         axes = np.atleast_1d(axes)
         for ax, task in zip(axes, tasks):
             width = 0.8 / len(shots)
@@ -287,6 +281,6 @@ def plot_jglue(results: dict[str, Any]) -> Plot | None:
         handles, texts = axes[0].get_legend_handles_labels()
         fig.legend(handles, texts, loc="outside lower center", ncols=len(texts), frameon=False)
         fig.suptitle("JGLUE accuracy by model")
-        png = _png(fig)
-    return Plot(png, "JGLUE accuracy of each model with 95% intervals, chance and majority lines",
+        image = kit.png(fig)
+    return Plot(image, "JGLUE accuracy of each model with 95% intervals, chance and majority lines",
                 "JGLUE accuracy (acc) per model with 95% Wilson intervals; dashed: chance, dotted: majority.")

@@ -29,7 +29,7 @@ from data.prepare import capped_texts, prepared_shards, prepared_texts
 from pipeline.config import BUNDLED_TOKENIZERS, PipelineConfig, TokenizerReportConfig
 from pipeline.errors import JpadaptError
 from pipeline.paths import resolve_path
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 SENTENCEPIECE = "sentencepiece"
 BYTE_LEVEL_BPE = "byte-level-bpe"
@@ -285,7 +285,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         "model": model_info,
     }
     _write_json(ctx.out_dir / "summary.json", summary)
-    from tokenizer.extension_report import render_report
+    from stages.extend_vocab.report import render_report
 
     (ctx.out_dir / "report.md").write_text(render_report(summary, records, EXAMPLES), encoding="utf-8")
     ja = summary["efficiency"].get("ja_heldout", {})
@@ -362,4 +362,5 @@ SPEC = StageSpec(
     outputs=("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "new_tokens.json", "summary.json",
              "report.md", "comparison/metrics.json"),
     libraries=("safetensors",),
+    report_section=lazy("stages.extend_vocab.report:report_section"),
 )

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import JpadaptError
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 EXTENDED = "extended"
 NFKC_NOTE = (
@@ -26,11 +26,15 @@ NFKC_NOTE = (
 
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
     from pipeline.models import tokenizer_files
+    from pipeline.paths import resolve_files
 
-    return {
+    files = {
         f"tokenizer_report.tokenizers.{name}": tokenizer_files(spec, f"tokenizer_report.tokenizers.{name}")
         for name, spec in cfg.tokenizer_report.tokenizers.items()
     }
+    # Read for its name only (the text comes from prepare), hashed all the same: a declared path is a file read.
+    files["data.ja.heldout"] = resolve_files(cfg.data.ja.heldout, "data.ja.heldout")
+    return files
 
 
 def _heldout_corpora(prepared: Path) -> list[Any]:
@@ -87,4 +91,5 @@ SPEC = StageSpec(
     params=("tokenizer_report", "data.ja.heldout", "prepare.normalization"),
     inputs=_inputs,
     outputs=("metrics.json", "metrics.csv", "report.md", "report.html"),
+    report_section=lazy("stages.tokenizer_report.report:report_section"),
 )

@@ -11,7 +11,7 @@ trained), `cpt` (the continued-pretraining output), `sft` (the sft base with its
 Models are loaded one at a time and scored under `torch.inference_mode`.
 
 Outputs, in `runs/<name>/stages/evaluate/`:
-    results.json       settings, models, held-out data, every figure (see eval/eval_report.py for its layout)
+    results.json       settings, models, held-out data, every figure (see stages/evaluate/report.py for its layout)
     predictions.jsonl  per model, task, shots and item: label and each choice's log-likelihood, tokens, chars
     generations.jsonl  per prompt: the rendered kind, reference and every model's answer
     report.md, report.html, bits_per_byte.png, jglue.png
@@ -30,7 +30,7 @@ from typing import Any
 from pipeline.config import EvaluateConfig, ModelConfig, PipelineConfig
 from pipeline.errors import JpadaptError
 from pipeline.paths import display_path
-from pipeline.stage import StageContext, StageSpec
+from pipeline.stage import StageContext, StageSpec, lazy
 
 LANGS = ("ja", "en")
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -96,7 +96,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         (ctx.out_dir / "summary.json").write_text(json.dumps({"peak_memory": peak, "accelerator": "cuda",
                                                               "world_size": 1}, indent=1) + "\n", encoding="utf-8")
 
-    from eval.eval_report import write_report
+    from stages.evaluate.report import write_report
 
     write_report(ctx.out_dir)
     return _summary(results)
@@ -479,4 +479,5 @@ SPEC = StageSpec(
     inputs=_inputs,
     outputs=("results.json", "predictions.jsonl", "generations.jsonl", "report.md", "report.html"),
     libraries=("safetensors",),
+    report_section=lazy("stages.evaluate.report:report_section"),
 )
