@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from data.assets import stored_path
-from eval.perplexity import score_tails, start_token_id, vocab_rows
 from pipeline.errors import JpadaptError
 
 # z for a two-sided 95% interval: the 0.975 quantile of the standard normal.
@@ -190,6 +189,8 @@ def score_items(
     The model is run in eval mode (its train/eval mode restored afterwards) on the device of its parameters.
     `max_length`: the model's positions; a longer request is an error (no truncation, as documented above).
     """
+    from eval.perplexity import score_tails, vocab_rows
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     requests = _requests(tokenizer, items, prefix)
@@ -217,6 +218,9 @@ def longest_request(tokenizer: Any, items: list[Item], prefix: str = "") -> tupl
 
 
 def _requests(tokenizer: Any, items: list[Item], prefix: str) -> list[_Request]:
+    # eval.perplexity imports torch: the task files and splits here are read by `validate` and `status` too.
+    from eval.perplexity import start_token_id
+
     start = start_token_id(tokenizer)
     head = [] if start is None else [start]
     pairs = [_split_whitespace(prefix + item.context, choice) for item in items for choice in item.choices]

@@ -99,9 +99,9 @@ def module_file(module: str) -> Path | None:
 def code_closure(roots: list[str]) -> CodeClosure:
     """Follow every `import` statement (at module level and inside functions: stages import heavy libraries
     lazily) from the root modules through first-party code. Importing `a.b.c` runs `a` and `a.b` too, so parent
-    packages are part of the closure. A root that is a package brings every module in it: a training worker is
-    started by module name (`-m stages.cpt.worker`), not imported."""
-    pending = [name for root in roots for name in _package_modules(root)]
+    packages are part of the closure. A training worker is started by module name (`-m stages.cpt.worker`), not
+    imported: the stage names it as a root (`StageSpec.worker`, the same name it launches)."""
+    pending = list(roots)
     modules: dict[str, str] = {}
     third_party: set[str] = set()
     while pending:
@@ -122,19 +122,6 @@ def code_closure(roots: list[str]) -> CodeClosure:
                 third_party.add(imported.split(".")[0])
     stdlib = set(sys.stdlib_module_names)
     return CodeClosure(dict(sorted(modules.items())), frozenset(m for m in third_party if m not in stdlib))
-
-
-def _package_modules(root: str) -> list[str]:
-    file = module_file(root)
-    if file is None:
-        raise ValueError(f"cannot locate first-party module {root!r}")
-    if file.name != "__init__.py":
-        return [root]
-    return [
-        ".".join((root, *path.relative_to(file.parent).with_suffix("").parts)).removesuffix(".__init__")
-        for path in sorted(file.parent.rglob("*.py"))
-        if (path.parent / "__init__.py").is_file()
-    ]
 
 
 @functools.lru_cache(maxsize=4096)

@@ -42,6 +42,8 @@ class StageSpec:
     outputs: paths, relative to the stage directory, that a successful run must leave.
     libraries: distributions the stage uses without importing them (e.g. safetensors through transformers);
         the code and the versions of the libraries it imports are found by following its imports.
+    worker: the module a stage launches as separate processes (`python -m MODULE job.json`); its imports are part
+        of the code fingerprint like those of `run`'s module. The stage launches exactly this name.
     resumable: keep the work directory of an interrupted attempt with the same fingerprint (checkpoints).
     report_section: the stage's section of the run report (pipeline/run_report.py), from its committed outputs;
         None (or a hook that returns None) gives the stage an overview row only. `lazy("module:function")` keeps
@@ -58,6 +60,7 @@ class StageSpec:
     inputs: Callable[[PipelineConfig], dict[str, list[Path]]] | None = None
     outputs: tuple[str, ...] = ()
     libraries: tuple[str, ...] = ()
+    worker: str | None = None
     resumable: bool = False
     report_section: Callable[[SectionContext], Section | None] | None = None
 

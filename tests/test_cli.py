@@ -49,10 +49,19 @@ def test_parser_and_command_map_agree() -> None:
     assert {"run", "status", "validate"} <= set(commands)
 
 
-def test_listing_stages_does_not_import_torch() -> None:
-    code = "import sys, pipeline.cli, stages; pipeline.cli.build_parser(); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert out.stdout.strip() == "False"
+HEAVY = ("torch", "transformers", "deepspeed", "numpy", "scipy", "datasketch", "matplotlib", "pyarrow", "tokenizers")
+
+
+@pytest.mark.parametrize("command", [["--help"], ["validate"], ["status"]])
+def test_read_only_commands_import_no_heavy_library(command: list[str], tmp_path: Path) -> None:
+    """`jpadapt --help`, `validate` and `status` start in a fraction of a second: no deep-learning, array or
+    MinHash library is imported (they cost ~1-2 s before anything is printed)."""
+    code = ("import sys, pipeline.cli\n"
+            f"try:\n    pipeline.cli.main({command!r})\nexcept SystemExit:\n    pass\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "HEAVY []" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(

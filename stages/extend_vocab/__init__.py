@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.prepare import capped_texts, prepared_shards, prepared_texts
 from pipeline.config import BUNDLED_TOKENIZERS, PipelineConfig, TokenizerReportConfig
 from pipeline.errors import JpadaptError
 from pipeline.paths import resolve_path
@@ -192,6 +191,8 @@ def invariants(base, extended, prepared: Path, sp_file: Path | None, comparison:
     which already encoded and decoded every record), records whose ids changed, ids vs SentencePiece."""
     import numpy as np
 
+    from data.prepare import prepared_shards, prepared_texts
+
     result: dict[str, Any] = {}
     for lang in ("ja", "en"):
         texts = list(prepared_texts(prepared_shards(prepared, lang, "heldout")))
@@ -221,6 +222,8 @@ def invariants(base, extended, prepared: Path, sp_file: Path | None, comparison:
 
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
+    # data.prepare imports datasketch (and scipy): ~0.6 s that `jpadapt --help` and `status` must not pay.
+    from data.prepare import capped_texts, prepared_shards, prepared_texts
     from tokenizer.compare import Corpus, compare, write_outputs
     from tokenizer.load import load_tokenizer
 

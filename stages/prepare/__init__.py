@@ -68,5 +68,5 @@ SPEC = StageSpec(
     params=("data", "prepare", "run.seed"),
     inputs=_inputs,
     outputs=("stats.json",),
-    report_section=lazy("eval.prepare_report:report_section"),
+    report_section=lazy("stages.prepare.report:report_section"),
 )

@@ -41,5 +41,5 @@ SPEC = StageSpec(
             "extend_vocab", "extend_vocab.enabled"),
     inputs=_inputs,
     outputs=("plan.json", "plan.md"),
-    report_section=lazy("eval.plan_report:report_section"),
+    report_section=lazy("stages.plan.report:report_section"),
 )
