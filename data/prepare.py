@@ -77,7 +77,7 @@ def prepare_language(
 
 def heldout_by_hash(key: str, seed: int, fraction: float) -> bool:
     """Seeded, uniform, platform-independent coin: True for about `fraction` of all keys."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
@@ -231,7 +231,7 @@ class ShardWriter:
     def _open_next(self) -> None:
         name = f"{self.split}-{len(self.shards):05d}.jsonl"
         # Binary: the bytes are exactly what was encoded (no newline translation, no locale encoding).
-        self._file = open(self.directory / name, "wb")
+        self._file = open(self.directory / name, "wb")  # noqa: SIM115 (a shard stays open across writes; close() ends it)
         self.shards.append(name)
         self._shard_bytes = 0
 

@@ -21,7 +21,7 @@ _FLOAT_12 = re.compile(
     |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""",
-    re.X,
+    re.VERBOSE,
 )
 
 
@@ -47,7 +47,7 @@ _StrictSafeLoader.add_constructor("tag:yaml.org,2002:map", _StrictSafeLoader.con
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text; a syntax error becomes a JpadaptError naming `source:line`."""
     try:
-        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictSafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source

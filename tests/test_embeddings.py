@@ -23,10 +23,10 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from transformers import AutoTokenizer
 
 from data.assets import materialize
-from pipeline.models import load_causal_lm, model_vocab_size, save_model_folder
 from eval.perplexity import bits_per_byte
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError
+from pipeline.models import load_causal_lm, model_vocab_size, save_model_folder
 from tests.helpers.gemma import PACKAGE
 from tests.helpers.gemma import gemma_folder as shared_gemma_folder
 from tokenizer.embeddings import aux_vectors, base_stats, extend_embeddings, focus_weights, sparsemax

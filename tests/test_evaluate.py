@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from eval.jglue import Item, chance_and_majority, load_task, wilson_interval
-from pipeline.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
+from pipeline.models import load_causal_lm, save_model_folder
 from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
 from tests.helpers.jsonl import read_jsonl
 from tests.helpers.tiny import byte_bpe_tokenizer

@@ -79,8 +79,8 @@ def test_gemma_evaluate_scores_are_sensible_and_consistent(run, gemma):
     import torch
 
     from eval.jglue import load_task, wilson_interval
-    from pipeline.models import load_causal_lm
     from pipeline.config import ModelConfig
+    from pipeline.models import load_causal_lm
     from tokenizer.hf import load_hf_tokenizer
 
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))

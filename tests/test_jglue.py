@@ -28,9 +28,9 @@ from eval.jglue import (
     score_items,
     wilson_interval,
 )
-from pipeline.models import load_causal_lm
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError
+from pipeline.models import load_causal_lm
 from tokenizer.hf import load_hf_tokenizer
 
 JCQA_VALID = "eval/jglue/jcommonsenseqa-v1.3/valid-v1.3.json"

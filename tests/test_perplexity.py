@@ -13,10 +13,10 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.models import load_causal_lm
 from eval.perplexity import LossResult, bits_per_byte, start_token_id, windows
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError
+from pipeline.models import load_causal_lm
 
 TEXTS = [
     (

@@ -18,9 +18,9 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator on import: no CUDA probing
 
-from bench import planner_validation as pv  # noqa: E402
-from pipeline.planner.memory import Setup, _param_tensors, plan_memory  # noqa: E402
-from pipeline.planner.shapes import shape_from_hf_config  # noqa: E402
+from bench import planner_validation as pv
+from pipeline.planner.memory import Setup, _param_tensors, plan_memory
+from pipeline.planner.shapes import shape_from_hf_config
 
 # config.json values of the published models (meta-llama/Llama-2-7b-hf, TinyLlama/TinyLlama-1.1B, Qwen/Qwen2.5-7B)
 LLAMA2_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,

@@ -26,7 +26,6 @@ from PIL import Image
 from data.assets import stored_path
 from pipeline import cli, reportkit, run_report
 from pipeline.run_report import write_run_report
-from tests.helpers.jsonl import read_texts
 from tests.helpers.browser import dump_dom
 from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
 from tests.helpers.jsonl import read_jsonl, read_texts

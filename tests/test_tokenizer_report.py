@@ -101,7 +101,7 @@ def test_csv_has_one_row_per_tokenizer_corpus_and_group(metrics, written):
 
 
 def test_csv_round_trips_every_fixture_value_exactly(metrics, written):
-    header, rows = read_csv(written["metrics.csv"])
+    _, rows = read_csv(written["metrics.csv"])
     by_key = {(r["tokenizer"], r["corpus"], r["group"]): r for r in rows}
     checked_floats = 0
     for key, rec in expected_records(metrics):
@@ -211,7 +211,7 @@ def test_markdown_summary_names_the_tokenizer_with_fewest_tokens(metrics, writte
 def test_markdown_and_html_have_the_same_tables(written):
     md = written["report.md"].read_text(encoding="utf-8")
     page = written["report.html"].read_text(encoding="utf-8")
-    md_tables = sum(1 for line in md.splitlines() if line.startswith("|:---") or line.startswith("|---"))
+    md_tables = sum(1 for line in md.splitlines() if line.startswith(("|:---", "|---")))
     assert md_tables >= 8
     assert page.count("<table>") == md_tables
     assert "<td>genre:legal</td>" in page and "| genre:legal |" in md

@@ -193,8 +193,8 @@ def reference_notes(metrics: dict[str, Any], stem: str, text_note: str) -> list[
     if not lines:
         return []
     return [
-        "Characters per token on the Japanese held-out, here vs. the reference measured on the raw bundled "
-        f"held-out (whole documents, no BOS/EOS): {'; '.join(lines)}. {text_note}"
+        ("Characters per token on the Japanese held-out, here vs. the reference measured on the raw bundled "
+        f"held-out (whole documents, no BOS/EOS): {'; '.join(lines)}. {text_note}")
     ]
 
 

@@ -146,9 +146,9 @@ def render_markdown(plans: list[StagePlan], title: str = "Memory and compute pla
     if not plans:
         return "\n".join([*lines, "No enabled stage needs a plan (cpt, sft and evaluate are off).", ""])
     shape = plans[0].memory.shape
-    lines += [f"Model: **{shape.name}**, {shape.total_params:,} parameters ({shape.num_layers} layers, hidden "
+    lines += [(f"Model: **{shape.name}**, {shape.total_params:,} parameters ({shape.num_layers} layers, hidden "
               f"{shape.hidden_size}, {shape.num_heads} heads / {shape.num_kv_heads} KV heads, vocabulary "
-              f"{shape.vocab_size:,}, embeddings {'tied' if shape.tie_embeddings else 'untied'}).", ""]
+              f"{shape.vocab_size:,}, embeddings {'tied' if shape.tie_embeddings else 'untied'})."), ""]
     for plan in plans:
         lines += _stage_markdown(plan)
     return "\n".join(lines) + "\n"
@@ -159,8 +159,8 @@ def _stage_markdown(plan: StagePlan) -> list[str]:
     verdict = "fits" if plan.fits else "**does not fit**"
     need = plan.memory.gpu_bytes / GIB
     lines = [
-        f"## {plan.stage}: {s.method}, {s.gpus} GPU(s), ZeRO-{s.zero_stage}, micro batch {s.micro_batch} x "
-        f"{s.seq_len:,} tokens",
+        (f"## {plan.stage}: {s.method}, {s.gpus} GPU(s), ZeRO-{s.zero_stage}, micro batch {s.micro_batch} x "
+        f"{s.seq_len:,} tokens"),
         "",
         f"{need:.2f} GiB per GPU: {verdict} on one {plan.gpu.name} ({plan.gpu.memory_bytes / GIB:.1f} GiB).",
         "",
@@ -177,9 +177,9 @@ def _stage_markdown(plan: StagePlan) -> list[str]:
     if plan.compute is not None:
         c = plan.compute
         lines += [
-            f"Compute: {c.tokens:,} tokens x {c.flops_per_token:.3e} FLOPs/token ({c.formula}) = {c.flops:.3e} "
+            (f"Compute: {c.tokens:,} tokens x {c.flops_per_token:.3e} FLOPs/token ({c.formula}) = {c.flops:.3e} "
             f"FLOPs; at {c.mfu:.0%} MFU on {s.gpus} x {plan.gpu.name}: {_duration(c.hours)}, {c.gpu_hours:,.2f} "
-            f"GPU-hours, {_money(c.cost)} at ${c.price_per_gpu_hour}/GPU-hour.",
+            f"GPU-hours, {_money(c.cost)} at ${c.price_per_gpu_hour}/GPU-hour."),
             "",
         ]
         if c.note:
