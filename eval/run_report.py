@@ -57,7 +57,7 @@ STAGE_ORDER = ("prepare", "extend-vocab", "tokenizer-report", "plan", "cpt", "sf
 GIB = 2**30
 FINGERPRINT_CHARS = 12  # enough to tell runs apart at a glance; the manifest has all 64
 SUMMARY_CHARS = 160
-CUDA_PEAK = "torch.cuda.max_memory_allocated"  # eval/workers.py's peak_memory kind on a GPU
+CUDA_PEAK = "torch.cuda.max_memory_allocated"  # pipeline/training.py's peak_memory kind on a GPU
 OVERHEAD_TERM = "framework overhead"  # the planner's fixed allowance (CUDA context, workspace, fragmentation)
 ENVIRONMENT_KEYS = (("jpadapt", "jpadapt"), ("python", "python"), ("platform", "platform"), ("host", "host"))
 

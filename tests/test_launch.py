@@ -1,5 +1,5 @@
-"""How training jobs are launched: argument lists (no shell), rendezvous variables, hostfile and port checks,
-the DeepSpeed config, and the learning-rate schedule."""
+"""How training jobs are launched (argument lists without a shell, rendezvous variables, hostfile and port
+checks), and the DeepSpeed config and learning-rate schedule the workers train with (`pipeline.training`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 
 from pipeline.errors import JpadaptError
-from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, port_free
+from pipeline.launch import check_launch, launch_command, port_free
+from pipeline.training import deepspeed_config, lr_schedule
 
 
 @dataclass
@@ -24,8 +25,8 @@ class Settings:
 
 
 def test_one_process_runs_the_module_directly_with_rank_variables():
-    job = launch_command("stages.cpt", ["/tmp/job.json"], Settings(), "cpu")
-    assert job.argv == [sys.executable, "-m", "stages.cpt", "/tmp/job.json"]
+    job = launch_command("stages.cpt.worker", ["/tmp/job.json"], Settings(), "cpu")
+    assert job.argv == [sys.executable, "-m", "stages.cpt.worker", "/tmp/job.json"]
     assert job.world_size == 1
     assert job.env["RANK"] == "0" and job.env["WORLD_SIZE"] == "1" and job.env["LOCAL_RANK"] == "0"
     assert job.env["MASTER_PORT"] == "29555" and job.env["DS_ACCELERATOR"] == "cpu"
@@ -33,13 +34,13 @@ def test_one_process_runs_the_module_directly_with_rank_variables():
 
 def test_several_processes_go_through_the_deepspeed_launcher(tmp_path):
     hostfile = tmp_path / "hosts"
-    job = launch_command("stages.cpt", ["job.json"], Settings(8, 2, str(hostfile), 29600), "cuda")
+    job = launch_command("stages.cpt.worker", ["job.json"], Settings(8, 2, str(hostfile), 29600), "cuda")
     assert job.argv[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert job.argv[job.argv.index("--num_gpus") + 1] == "8"
     assert job.argv[job.argv.index("--num_nodes") + 1] == "2"
     assert job.argv[job.argv.index("--master_port") + 1] == "29600"
     assert job.argv[job.argv.index("--hostfile") + 1] == str(hostfile)
-    assert job.argv[-3:] == ["--module", "stages.cpt", "job.json"]
+    assert job.argv[-3:] == ["--module", "stages.cpt.worker", "job.json"]
     assert job.world_size == 16 and job.env["DS_ACCELERATOR"] == "cuda"
     assert "RANK" not in job.env  # the launcher sets them per process
 

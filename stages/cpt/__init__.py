@@ -3,7 +3,8 @@
 The stage process (`run`) checks everything it can before any GPU is touched, tokenizes the prepared train
 shards once (cached by content under `runs/<name>/.cache/cpt-tokens/`), writes `job.json` and starts the
 training job as a subprocess: one process, or DeepSpeed's launcher for several GPUs or nodes
-(`pipeline/launch.py`). Every rank runs this module's worker (`python -m stages.cpt job.json`).
+(`pipeline/launch.py`). Every rank runs the worker (`python -m stages.cpt.worker job.json`, `worker.py`),
+told what to do by the typed job in `job.py`.
 
 Outputs, in `runs/<name>/stages/cpt/`:
     model/              consolidated HF folder (safetensors, also from ZeRO-3), tokenizer, jpadapt_config.yaml
@@ -27,42 +28,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.workers import (
-    ERROR_FILE,
-    append_jsonl,
-    check_job,
-    check_plan,
-    grad_norm,
-    lambda_scheduler,
-    peak_memory,
-    pick_accelerator,
-    progress,
-    start_worker,
-    tensorboard,
-    worker_main,
-    write_json,
-)
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.errors import JpadaptError
-from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, run_job
+from pipeline.launch import check_launch
 from pipeline.stage import StageContext, StageSpec
-
-LANGS = ("ja", "en")
-CHECKPOINTS = "checkpoints"
-COMPLETE = "complete.json"
-# Tolerance of the consolidated model's logits against the engine's, by training precision.
-LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-# ============================================================================================ stage process
+from pipeline.training import check_plan, pick_accelerator, run_workers, write_json
+from stages.cpt.job import LANGS, CptJob, TokenFiles
 
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
@@ -79,9 +53,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     steps = _total_steps(cfg)
     _warn_repeats(cfg, tokens, steps, ctx)
     job = _job(cfg, ctx, prepared, extended, tokenizer_dir, tokens, steps, accelerator)
-    job_file = ctx.out_dir / "job.json"
-    job_file.write_text(json.dumps(job, indent=1, ensure_ascii=False), encoding="utf-8")
-    _launch(cfg, ctx, job_file, accelerator)
+    run_workers("stages.cpt.worker", job, ctx.out_dir / "job.json", settings, accelerator, ctx.log)
 
     from eval.forgetting import write_report
 
@@ -159,7 +131,8 @@ def _check_vocab(model_cfg: ModelConfig, tokenizer: Any) -> None:
         )
 
 
-def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_dir: Path, ctx: StageContext) -> dict:
+def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_dir: Path,
+                 ctx: StageContext) -> dict[str, TokenFiles]:
     """Tokenize the train shards once per (tokenizer, shards) content; later runs and reruns reuse them."""
     from data.mixture import load_token_file, tokenize_corpus
     from data.prepare import prepared_shards, prepared_texts
@@ -191,7 +164,7 @@ def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_
         else:
             ctx.log.info("%s: tokenized train set from the cache (%s)", lang, prefix.parent)
         ctx.log.info("%s: %s documents, %s tokens", lang, f"{cached.n_docs:,}", f"{cached.n_tokens:,}")
-        prefixes[lang] = {"prefix": str(prefix), "n_tokens": cached.n_tokens, "n_docs": cached.n_docs}
+        prefixes[lang] = TokenFiles(prefix=prefix, n_tokens=cached.n_tokens, n_docs=cached.n_docs)
     return prefixes
 
 
@@ -200,35 +173,35 @@ def _line_count(path: Path) -> int:
         return sum(1 for _ in f)
 
 
-def _warn_repeats(cfg: PipelineConfig, tokens: dict, steps: int, ctx: StageContext) -> None:
+def _warn_repeats(cfg: PipelineConfig, tokens: dict[str, TokenFiles], steps: int, ctx: StageContext) -> None:
     settings = cfg.cpt
     blocks = steps * settings.micro_batch_size * settings.grad_accum * settings.num_gpus * settings.num_nodes
     share = {"ja": 1 - settings.replay_ratio, "en": settings.replay_ratio}
     for lang, entry in tokens.items():
-        epochs = blocks * share[lang] * settings.seq_len / entry["n_tokens"]
+        epochs = blocks * share[lang] * settings.seq_len / entry.n_tokens
         if epochs > 1:
             ctx.log.warning("%s: the run reads the train set %.1f times (repeated data)", lang, epochs)
 
 
 def _job(cfg: PipelineConfig, ctx: StageContext, prepared: Path, extended: Path | None, tokenizer_dir: Path,
-         tokens: dict, steps: int, accelerator: str) -> dict[str, Any]:
+         tokens: dict[str, TokenFiles], steps: int, accelerator: str) -> CptJob:
     from data.prepare import prepared_shards
 
-    heldout = {lang: [str(p) for p in prepared_shards(prepared, lang, "heldout")] for lang in LANGS}
-    return {
-        "out_dir": str(ctx.out_dir),
-        "run_config": str(ctx.run_dir / "config.yaml"),
-        "seed": ctx.seed,
-        "parent_pid": os.getpid(),
-        "accelerator": accelerator,
-        "total_steps": steps,
-        "model": _trained_model(cfg, extended).model_dump(mode="json"),
-        "extended_from": str(extended) if extended is not None else None,
-        "tokenizer_dir": str(tokenizer_dir),
-        "tokens": tokens,
-        "heldout": {lang: files for lang, files in heldout.items() if files},
-        "cpt": cfg.cpt.model_dump(mode="json"),
-    }
+    heldout = {lang: prepared_shards(prepared, lang, "heldout") for lang in LANGS}
+    return CptJob(
+        out_dir=ctx.out_dir,
+        run_config=ctx.run_dir / "config.yaml",
+        seed=ctx.seed,
+        parent_pid=os.getpid(),
+        accelerator=accelerator,
+        total_steps=steps,
+        model=_trained_model(cfg, extended),
+        extended_from=extended,
+        tokenizer_dir=tokenizer_dir,
+        tokens=tokens,
+        heldout={lang: files for lang, files in heldout.items() if files},
+        cpt=cfg.cpt,
+    )
 
 
 def _vocab_saving(cfg: PipelineConfig, summary: dict[str, Any], extended: Path) -> dict[str, Any]:
@@ -241,440 +214,6 @@ def _vocab_saving(cfg: PipelineConfig, summary: dict[str, Any], extended: Path) 
     except JpadaptError:
         params = None  # an architecture the planner does not know: tokens only
     return vocab_saving(summary["tokens_by_language"], efficiency, params)
-
-
-def _launch(cfg: PipelineConfig, ctx: StageContext, job_file: Path, accelerator: str) -> None:
-    (ctx.out_dir / ERROR_FILE).unlink(missing_ok=True)
-    job = launch_command("stages.cpt", [str(job_file)], cfg.cpt, accelerator)
-    check_job(ctx.out_dir, run_job(job, ctx.log))
-
-
-# ============================================================================================ worker (every rank)
-
-
-@dataclass
-class _Clock:
-    """Seconds spent in training steps, and wall seconds, carried across resumes in the checkpoints."""
-
-    train_seconds: float
-    wall_before: float
-    started: float = field(default_factory=time.monotonic)
-
-    def wall_seconds(self) -> float:
-        return self.wall_before + time.monotonic() - self.started
-
-
-
-class _Worker:
-    """One rank of the training job: engine, data, evaluation, checkpoints, metrics."""
-
-    def __init__(self, job: dict[str, Any]):
-        self.job = job
-        self.settings = job["cpt"]
-        self.out = Path(job["out_dir"])
-        self.accelerator = job["accelerator"]
-        self.total = int(job["total_steps"])
-        where = start_worker(job)
-        self.rank, self.world, self.device = where.rank, where.world, where.device
-        s = self.settings
-        self.group_blocks = s["micro_batch_size"] * s["grad_accum"] * self.world
-        self.schedule = lr_schedule(s["lr"], s["warmup_steps"], self.total, s["min_lr_ratio"])
-        self.metrics = self.out / "metrics.jsonl"
-        self.forgetting = self.out / "forgetting.jsonl"
-        self.board = None
-
-    # ----------------------------------------------------------------------------------------- setup
-
-    def setup(self) -> None:
-
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.job["tokenizer_dir"], local_files_only=True)
-        self.mixture = self._mixture()
-        self.heldout = self._heldout()
-        self.engine, self.scheduler = self._engine()
-
-    def _mixture(self):
-        from data.mixture import LanguageStream, Mixture, load_token_file
-
-        streams = {}
-        for salt, lang in enumerate(LANGS):
-            entry = self.job["tokens"].get(lang)
-            if entry is not None:
-                token_file = load_token_file(Path(entry["prefix"]))
-                if token_file is None:
-                    raise JpadaptError(f"{entry['prefix']}: tokenized {lang} data is missing or incomplete")
-                streams[lang] = LanguageStream(token_file, self.job["seed"], salt)
-        s = self.settings
-        return Mixture(streams["ja"], streams.get("en"), s["replay_ratio"], s["seq_len"], self.job["seed"])
-
-    def _heldout(self) -> dict[str, list[str]]:
-        from data.prepare import capped_texts, prepared_texts
-
-        files = self.job["heldout"]
-        return {lang: capped_texts(prepared_texts([Path(f) for f in files[lang]]), self.settings["eval_chars"])
-                for lang in files}
-
-    def _engine(self):
-        import deepspeed
-        import torch
-
-        s = self.settings
-        # Offloaded optimizer states on a GPU run: DeepSpeed's CPU Adam steps them far faster than torch's. Otherwise
-        # torch's AdamW (fused on GPU): no DeepSpeed op to compile, nothing that needs a CUDA toolkit.
-        native = self.accelerator == "cuda" and s["offload_optimizer"]
-        optimizer_cfg = {"type": "AdamW", "params": {"lr": s["lr"], "betas": list(s["adam_betas"]), "eps": 1e-8,
-                                                     "weight_decay": s["weight_decay"]}} if native else None
-        config = deepspeed_config(
-            micro_batch_size=s["micro_batch_size"], grad_accum=s["grad_accum"], grad_clip=s["grad_clip"],
-            precision=s["precision"], zero_stage=s["zero_stage"], offload_optimizer=s["offload_optimizer"],
-            offload_params=s["offload_params"], optimizer=optimizer_cfg,
-        )
-        model = self._model(config)
-        if s["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        groups = _param_groups(model, s["weight_decay"])
-        optimizer = None if native else torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(s["adam_betas"]), eps=1e-8,
-                                                          fused=self.accelerator == "cuda")
-
-        engine, _, _, lr_scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=groups if native else None,
-            lr_scheduler=lambda_scheduler(self.schedule, s["lr"]), config=config,
-        )
-        return engine, lr_scheduler
-
-    def _model(self, ds_config: dict[str, Any]):
-        """The model in the training precision (DeepSpeed keeps fp32 master weights for bf16/fp16)."""
-        from eval.models import load_causal_lm
-
-        dtype = PRECISION_DTYPES[self.settings["precision"]]
-        model_cfg = ModelConfig(**self.job["model"]).model_copy(update={"dtype": dtype})
-        zero3_load = None
-        if model_cfg.path is not None and self.settings["zero_stage"] == 3:
-            # Under ZeRO-3 transformers loads the folder straight into partitions (deepspeed.zero.Init): no rank
-            # holds the whole model. transformers keeps only a weak reference: the setting ends when this
-            # function returns, so later models (the consolidated one on rank 0) are built normally.
-            from transformers.integrations import HfDeepSpeedConfig
-
-            zero3_load = HfDeepSpeedConfig(ds_config)
-        # Same seed on every rank: a model built from config starts identical everywhere.
-        model = load_causal_lm(model_cfg, seed=self.job["seed"])
-        del zero3_load
-        return model
-
-    # ----------------------------------------------------------------------------------------- training
-
-    def train(self) -> None:
-        import torch
-
-        start, state = self._resume()
-        clock = _Clock(state.get("train_seconds", 0.0), state.get("wall_seconds", 0.0))
-        if start == 0:
-            self._evaluate(0)
-        bar = progress(self.rank, start, self.total, "cpt")
-        for step in range(start, self.total):
-            began = time.monotonic()
-            loss = self._train_step(step)
-            clock.train_seconds += time.monotonic() - began
-            record = self._step_record(step, loss, clock.train_seconds)
-            if self.rank == 0:
-                append_jsonl(self.metrics, record)
-                self._board_scalars(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
-            done = step + 1
-            if done % self.settings["eval_every"] == 0 or done == self.total:
-                self._evaluate(done)
-            if done % self.settings["save_every"] == 0 or done == self.total:
-                self._save_checkpoint(done, clock)
-        bar.close()
-        self._finish(clock.train_seconds, clock.wall_seconds())
-        if self.board is not None:
-            self.board.close()
-        torch.distributed.barrier()
-
-    def _train_step(self, step: int) -> float:
-        import torch
-
-        from data.mixture import shard_indices
-
-        s = self.settings
-        losses = []
-        self.grad_norm = None
-        for micro in range(s["grad_accum"]):
-            indices = shard_indices(step, micro, self.rank, world=self.world, micro_batch=s["micro_batch_size"],
-                                    grad_accum=s["grad_accum"])
-            batch = torch.from_numpy(self.mixture.blocks(indices)).to(self.device)
-            loss = self.engine(input_ids=batch, labels=batch).loss
-            self.engine.backward(loss)
-            if micro == s["grad_accum"] - 1 and s["zero_stage"] == 0:
-                self.grad_norm = grad_norm(self.engine.module)  # ZeRO-0 does not report it; grads are reduced
-            self.engine.step()
-            losses.append(loss.detach().float())
-        if self.grad_norm is None:
-            self.grad_norm = self.engine.get_global_grad_norm()
-        mean = torch.stack(losses).mean().to(self.device)
-        torch.distributed.all_reduce(mean)
-        return float(mean) / self.world
-
-    def _step_record(self, step: int, loss: float, train_seconds: float) -> dict[str, Any]:
-        done = step + 1
-        blocks = done * self.group_blocks
-        tokens = blocks * self.settings["seq_len"]
-        grad_norm = self.grad_norm
-        return {
-            "step": done,
-            "loss": loss,
-            "lr": self.schedule(step),
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens": tokens,
-            "tokens_per_s": tokens / train_seconds if train_seconds > 0 else 0.0,
-            "en_share": self.mixture.realized_ratio(blocks),
-        }
-
-    def _writer(self):
-        if self.board is None:
-            self.board = tensorboard(self.out)
-        return self.board
-
-    def _board_scalars(self, record: dict[str, Any]) -> None:
-        board = self._writer()
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "en_share"):
-            if record.get(key) is not None:
-                board.add_scalar(f"train/{key}", record[key], record["step"])
-        board.flush()
-
-    # ----------------------------------------------------------------------------------------- evaluation
-
-    def _evaluate(self, step: int) -> dict[str, Any]:
-        """Loss and bits per byte on each held-out set. ZeRO-3 needs every rank in every forward pass (the
-        parameters are gathered collectively), so there every rank scores all texts; otherwise ranks split them
-        and the sums are all-reduced."""
-        import torch
-
-        from eval.perplexity import LossResult, bits_per_byte
-
-        zero3 = self.settings["zero_stage"] == 3
-        seq_len = self.settings["seq_len"]
-        results = {}
-        for lang, texts in self.heldout.items():
-            mine = texts if zero3 else texts[self.rank :: self.world]
-            result = bits_per_byte(self.engine.module, self.tokenizer, mine, window=seq_len,
-                                   stride=max(1, seq_len // 2), batch_size=self.settings["micro_batch_size"])
-            totals = torch.tensor([result.tokens, result.bytes, result.nats], dtype=torch.float64)
-            if not zero3:
-                torch.distributed.all_reduce(totals)
-            tokens, n_bytes, nats = totals.tolist()
-            results[lang] = LossResult(int(tokens), int(n_bytes), nats).to_dict()
-        if self.rank == 0:
-            append_jsonl(self.forgetting, {"step": step, "tokens": step * self.group_blocks * seq_len, **results})
-            self._board_eval(step, results)
-        return results
-
-    def _board_eval(self, step: int, results: dict[str, Any]) -> None:
-        board = self._writer()
-        for lang, values in results.items():
-            board.add_scalar(f"eval/{lang}_loss", values["loss"], step)
-            board.add_scalar(f"eval/{lang}_bits_per_byte", values["bits_per_byte"], step)
-        board.flush()
-
-    # ----------------------------------------------------------------------------------------- checkpoints
-
-    def _save_checkpoint(self, step: int, clock: _Clock) -> None:
-        import torch
-
-        root = self.out / CHECKPOINTS
-        tag = f"step{step:08d}"
-        self.engine.save_checkpoint(str(root), tag=tag)
-        torch.save(_rng_state(), root / tag / f"rng-rank{self.rank}.pt")
-        torch.distributed.barrier()
-        if self.rank == 0:
-            state = {"step": step, "next_block": step * self.group_blocks, "train_seconds": clock.train_seconds,
-                     "wall_seconds": clock.wall_seconds(), "world_size": self.world}
-            write_json(root / tag / COMPLETE, state)
-            for old in _complete_checkpoints(root)[: -self.settings["keep_checkpoints"]]:
-                shutil.rmtree(old, ignore_errors=True)
-        torch.distributed.barrier()
-
-    def _resume(self) -> tuple[int, dict[str, Any]]:
-        import torch
-
-        checkpoints = _complete_checkpoints(self.out / CHECKPOINTS)
-        if not checkpoints:
-            if self.rank == 0:  # a run that died before its first checkpoint starts over
-                for path in (self.metrics, self.forgetting):
-                    path.unlink(missing_ok=True)
-                shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
-            torch.distributed.barrier()
-            return 0, {}
-        latest = checkpoints[-1]
-        state = json.loads((latest / COMPLETE).read_text(encoding="utf-8"))
-        if state["world_size"] != self.world:
-            raise JpadaptError(
-                f"{latest}: the checkpoint was written by {state['world_size']} processes, this run has "
-                f"{self.world}; set cpt.num_gpus/num_nodes back, or delete {self.out} to start over"
-            )
-        self.engine.load_checkpoint(str(latest.parent), tag=latest.name)
-        rng = latest / f"rng-rank{self.rank}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=True))
-        if self.rank == 0:
-            _log(f"resuming from {latest.name} (step {state['step']} of {self.total})")
-            for path in (self.metrics, self.forgetting):
-                _truncate_after(path, state["step"])
-        torch.distributed.barrier()
-        return int(state["step"]), state
-
-    # ----------------------------------------------------------------------------------------- the end
-
-    def _finish(self, train_seconds: float, wall_seconds: float) -> None:
-        model_dir = self.out / "model"
-        self._consolidate(model_dir)
-        check = self._check_consolidated(model_dir)
-        peak = peak_memory(self.accelerator, self.device)
-        if self.rank != 0:
-            return
-        s = self.settings
-        blocks = self.total * self.group_blocks
-        tokens = blocks * s["seq_len"]
-        lines = [json.loads(line) for line in self.forgetting.read_text(encoding="utf-8").splitlines()]
-        en_blocks = self.mixture.en_blocks_before(blocks)
-        summary = {
-            "steps": self.total,
-            "world_size": self.world,
-            "accelerator": self.accelerator,
-            "zero_stage": s["zero_stage"],
-            "precision": s["precision"],
-            "seq_len": s["seq_len"],
-            "global_batch_sequences": self.group_blocks,
-            "tokens_seen": tokens,
-            "tokens_by_language": {"ja": (blocks - en_blocks) * s["seq_len"], "en": en_blocks * s["seq_len"]},
-            "replay_ratio": s["replay_ratio"],
-            "realized_en_share": self.mixture.realized_ratio(blocks),
-            "train_seconds": train_seconds,
-            "wall_seconds": wall_seconds,
-            "tokens_per_s": tokens / train_seconds if train_seconds > 0 else 0.0,
-            "peak_memory": peak,
-            "initial_eval": lines[0] if lines and lines[0]["step"] == 0 else None,
-            "final_eval": {lang: lines[-1][lang] for lang in LANGS if lang in lines[-1]},
-            "consolidation_check": check,
-            "extended_from": self.job["extended_from"],
-        }
-        write_json(self.out / "summary.json", summary)
-
-    def _consolidate(self, model_dir: Path) -> None:
-        """The trained weights as one HF folder. ZeRO-3 gathers the shards onto rank 0 first (a collective)."""
-        import torch
-
-        if self.settings["zero_stage"] == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
-            state = None
-        if self.rank == 0:
-            tmp = model_dir.with_name("model.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            if state is None:
-                self.engine.module.save_pretrained(str(tmp))
-            else:
-                _save_state_dict(self.engine.module.config, state, tmp)
-            self.tokenizer.save_pretrained(str(tmp))
-            shutil.copy(self.job["run_config"], tmp / "jpadapt_config.yaml")
-            if self.job["extended_from"] is not None:
-                new_tokens = Path(self.job["extended_from"]) / "new_tokens.json"
-                if new_tokens.is_file():
-                    shutil.copy(new_tokens, tmp / "new_tokens.json")
-            shutil.rmtree(model_dir, ignore_errors=True)
-            tmp.replace(model_dir)
-        torch.distributed.barrier()
-
-    def _check_consolidated(self, model_dir: Path) -> dict[str, Any]:
-        """Reload the folder with plain transformers and compare its logits with the engine's on a probe batch:
-        a consolidation that lost or mixed up a weight fails the stage here, not in someone's evaluation."""
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        probe = torch.from_numpy(self.mixture.blocks([0])[:, : min(64, self.settings["seq_len"])]).to(self.device)
-        was_training = self.engine.module.training
-        self.engine.module.eval()
-        with torch.no_grad():
-            engine_logits = self.engine.module(input_ids=probe).logits.float().cpu()
-        self.engine.module.train(was_training)
-        if self.rank != 0:
-            return {}
-        reloaded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True)
-        with torch.no_grad():
-            logits = reloaded.to(self.device).eval()(input_ids=probe).logits.float().cpu()
-        diff = float((logits - engine_logits).abs().max())
-        tolerance = LOGIT_TOLERANCE[self.settings["precision"]]
-        if not diff <= tolerance:
-            raise RuntimeError(f"the consolidated model's logits differ from the engine's by {diff:.3g} "
-                               f"(tolerance {tolerance})")
-        return {"probe_tokens": int(probe.numel()), "max_abs_logit_diff": diff, "tolerance": tolerance}
-
-
-
-# ---------------------------------------------------------------------------------------------- worker helpers
-
-
-def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (and embeddings), none on norms and biases (1-D)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-
-
-def _save_state_dict(config: Any, state: dict[str, Any], folder: Path) -> None:
-    """Write a full state dict as an HF folder without materializing a second model: built on the meta device,
-    then the gathered tensors are assigned."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise RuntimeError(f"ZeRO-3 consolidation is missing {', '.join(missing[:3])}")
-    model.save_pretrained(str(folder))
-
-
-def _complete_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
-
-
-def _rng_state() -> dict[str, Any]:
-    import torch
-
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop records logged after `step` (by the run that died after its last checkpoint)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def _log(message: str) -> None:
-    print(f"  [cpt] {message}", flush=True)
 
 
 SPEC = StageSpec(
@@ -690,18 +229,6 @@ SPEC = StageSpec(
             "cpt.accelerator", "cpt.eval_every", "cpt.eval_chars", "cpt.save_every"),
     outputs=("model/config.json", "metrics.jsonl", "forgetting.jsonl", "summary.json",
              "report.md", "forgetting.png"),
-    code=("stages.cpt", "data.mixture", "data.prepare", "pipeline.launch", "eval.models", "eval.perplexity",
-          "eval.forgetting", "tokenizer.hf"),
     libraries=("torch", "transformers", "deepspeed", "tokenizers", "numpy", "safetensors"),
     resumable=True,
 )
-
-
-def _train(job: dict[str, Any]) -> None:
-    worker = _Worker(job)
-    worker.setup()
-    worker.train()
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[-1], _train))
