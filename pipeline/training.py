@@ -23,9 +23,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import JpadaptError
 
@@ -34,6 +34,20 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 JobT = TypeVar("JobT", bound=BaseModel)
+
+
+class JobContext(BaseModel):
+    """What every training job's workers are told whatever the stage: where to write, the seed, who started
+    them, on what, for how long. The stage's job model holds it as its `context` field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out_dir: Path  # the stage directory; job.json is in it
+    run_config: Path  # the run's config.yaml, copied into the model folders the job writes
+    seed: int
+    parent_pid: int  # the workers exit when this process is gone
+    accelerator: Literal["cpu", "cuda"]
+    total_steps: int = Field(ge=1)
 
 
 # ---------------------------------------------------------------------------------------------- stage side
@@ -70,6 +84,12 @@ def save_job(job: BaseModel, path: Path) -> None:
     """The job file the workers read; a stale worker error from an earlier attempt is removed with it."""
     path.write_text(job.model_dump_json(indent=1), encoding="utf-8")
     (path.parent / ERROR_FILE).unlink(missing_ok=True)
+
+
+def job_context(ctx: Any, accelerator: str, total_steps: int) -> JobContext:
+    """The context of a job launched from this process by the stage whose StageContext is `ctx`."""
+    return JobContext(out_dir=ctx.out_dir, run_config=ctx.run_dir / "config.yaml", seed=ctx.seed,
+                      parent_pid=os.getpid(), accelerator=accelerator, total_steps=total_steps)
 
 
 def run_workers(module: str, job: BaseModel, job_file: Path, settings: Any, accelerator: str, log: Any) -> None:
@@ -146,14 +166,14 @@ class Rank:
     device: Any  # torch.device
 
 
-def start_worker(parent_pid: int, accelerator: str) -> Rank:
+def start_worker(context: JobContext) -> Rank:
     """Every worker's first steps: the parent watchdog, its device, the process group (nccl or gloo)."""
     import deepspeed
     import torch
 
-    exit_with_parent(parent_pid)
+    exit_with_parent(context.parent_pid)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = accelerator == "cuda"
+    cuda = context.accelerator == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)
     else:

@@ -4,16 +4,18 @@ checks), and the DeepSpeed config and learning-rate schedule the workers train w
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import socket
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch, launch_command, port_free
-from pipeline.training import deepspeed_config, lr_schedule
+from pipeline.training import ERROR_FILE, deepspeed_config, job_context, load_job, lr_schedule, save_job, worker_main
 
 
 @dataclass
@@ -95,3 +97,32 @@ def test_lr_schedule_rewarms_then_decays_to_the_floor():
     values = [schedule(step) for step in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(values))
     assert lr_schedule(1e-3, warmup=0, total=5, min_ratio=0.0)(0) == pytest.approx(1e-3)
+
+
+def test_job_file_round_trips_and_a_bad_field_is_named(tmp_path):
+    """The typed job the stage writes is what the worker reads; a missing or malformed field stops the worker
+    with a message naming it (in worker-error.txt, which the stage turns into its one-line error)."""
+    from pipeline.config import CptConfig, ModelConfig
+    from stages.cpt.job import CptJob, TokenFiles
+
+    stage = SimpleNamespace(out_dir=tmp_path, run_dir=tmp_path.parent, seed=7)
+    job = CptJob(context=job_context(stage, "cpu", 3), model=ModelConfig(from_config={"model_type": "llama"}),
+                 extended_from=None, tokenizer_dir=tmp_path / "tokenizer",
+                 tokens={"ja": TokenFiles(prefix=tmp_path / "ja", n_tokens=10, n_docs=2)},
+                 heldout={"ja": [tmp_path / "ja_heldout.jsonl"]}, cpt=CptConfig(max_steps=3))
+    job_file = tmp_path / "job.json"
+    save_job(job, job_file)
+    assert load_job(CptJob, job_file) == job
+
+    values = json.loads(job_file.read_text(encoding="utf-8"))
+    del values["context"]["seed"]
+    values["cpt"]["lr"] = "fast"
+    job_file.write_text(json.dumps(values), encoding="utf-8")
+    with pytest.raises(JpadaptError, match=r"context\.seed: Field required.*cpt\.lr"):
+        load_job(CptJob, job_file)
+
+    def never(job):
+        raise AssertionError("the recipe must not start on a bad job")
+
+    assert worker_main(str(job_file), CptJob, never) == 2
+    assert "context.seed" in (tmp_path / ERROR_FILE).read_text(encoding="utf-8")

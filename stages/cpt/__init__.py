@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch
 from pipeline.stage import StageContext, StageSpec
-from pipeline.training import check_plan, pick_accelerator, run_workers, write_json
+from pipeline.training import check_plan, job_context, pick_accelerator, run_workers, write_json
 from stages.cpt.job import LANGS, CptJob, TokenFiles
 
 
@@ -189,12 +188,7 @@ def _job(cfg: PipelineConfig, ctx: StageContext, prepared: Path, extended: Path 
 
     heldout = {lang: prepared_shards(prepared, lang, "heldout") for lang in LANGS}
     return CptJob(
-        out_dir=ctx.out_dir,
-        run_config=ctx.run_dir / "config.yaml",
-        seed=ctx.seed,
-        parent_pid=os.getpid(),
-        accelerator=accelerator,
-        total_steps=steps,
+        context=job_context(ctx, accelerator, steps),
         model=_trained_model(cfg, extended),
         extended_from=extended,
         tokenizer_dir=tokenizer_dir,

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import CptConfig, ModelConfig
+from pipeline.training import JobContext
 
 LANGS = ("ja", "en")
 Lang = Literal["ja", "en"]
@@ -27,12 +28,7 @@ class TokenFiles(BaseModel):
 class CptJob(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    out_dir: Path
-    run_config: Path  # copied into the model folder as jpadapt_config.yaml
-    seed: int
-    parent_pid: int  # the workers exit when this process is gone
-    accelerator: Literal["cpu", "cuda"]
-    total_steps: int = Field(ge=1)
+    context: JobContext
     model: ModelConfig  # what the workers load: the extend-vocab output replaces the configured model
     extended_from: Path | None  # the extend-vocab output directory, when the vocabulary was extended
     tokenizer_dir: Path

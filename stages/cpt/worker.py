@@ -61,9 +61,9 @@ class CptRecipe:
     def __init__(self, job: CptJob):
         self.job = job
         self.settings = job.cpt
-        self.out = job.out_dir
-        self.total = job.total_steps
-        where = start_worker(job.parent_pid, job.accelerator)
+        self.out = job.context.out_dir
+        self.total = job.context.total_steps
+        where = start_worker(job.context)
         self.rank, self.world, self.device = where.rank, where.world, where.device
         s = self.settings
         self.group_blocks = s.micro_batch_size * s.grad_accum * self.world
@@ -94,9 +94,9 @@ class CptRecipe:
                 token_file = load_token_file(entry.prefix)
                 if token_file is None:
                     raise JpadaptError(f"{entry.prefix}: tokenized {lang} data is missing or incomplete")
-                streams[lang] = LanguageStream(token_file, self.job.seed, salt)
+                streams[lang] = LanguageStream(token_file, self.job.context.seed, salt)
         s = self.settings
-        return Mixture(streams["ja"], streams.get("en"), s.replay_ratio, s.seq_len, self.job.seed)
+        return Mixture(streams["ja"], streams.get("en"), s.replay_ratio, s.seq_len, self.job.context.seed)
 
     def _heldout(self) -> dict[str, list[str]]:
         from data.prepare import capped_texts, prepared_texts
@@ -110,7 +110,7 @@ class CptRecipe:
         s = self.settings
         # Offloaded optimizer states on a GPU run: DeepSpeed's CPU Adam steps them far faster than torch's. Otherwise
         # torch's AdamW (fused on GPU): no DeepSpeed op to compile, nothing that needs a CUDA toolkit.
-        native = self.job.accelerator == "cuda" and s.offload_optimizer
+        native = self.job.context.accelerator == "cuda" and s.offload_optimizer
         optimizer_cfg = {"type": "AdamW", "params": {"lr": s.lr, "betas": list(s.adam_betas), "eps": 1e-8,
                                                      "weight_decay": s.weight_decay}} if native else None
         config = deepspeed_config(
@@ -124,7 +124,7 @@ class CptRecipe:
             model.config.use_cache = False
         groups = decay_groups(model, s.weight_decay)
         optimizer = None if native else torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.adam_betas), eps=1e-8,
-                                                          fused=self.job.accelerator == "cuda")
+                                                          fused=self.job.context.accelerator == "cuda")
         return initialize(model, optimizer, self.schedule, s.lr, config, model_parameters=groups if native else None)
 
     def _model(self, ds_config: dict[str, Any]):
@@ -141,7 +141,7 @@ class CptRecipe:
 
             zero3_load = HfDeepSpeedConfig(ds_config)
         # Same seed on every rank: a model built from config starts identical everywhere.
-        model = load_causal_lm(model_cfg, seed=self.job.seed)
+        model = load_causal_lm(model_cfg, seed=self.job.context.seed)
         del zero3_load
         return model
 
@@ -288,7 +288,7 @@ class CptRecipe:
         model_dir = self.out / "model"
         self._consolidate(model_dir)
         check = self._check_consolidated(model_dir)
-        peak = peak_memory(self.job.accelerator, self.device)
+        peak = peak_memory(self.job.context.accelerator, self.device)
         if self.rank == 0:
             write_json(self.out / "summary.json", self._summary(wall_seconds, check, peak))
 
@@ -303,7 +303,7 @@ class CptRecipe:
         return {
             "steps": self.total,
             "world_size": self.world,
-            "accelerator": self.job.accelerator,
+            "accelerator": self.job.context.accelerator,
             "zero_stage": s.zero_stage,
             "precision": s.precision,
             "seq_len": s.seq_len,
@@ -338,7 +338,7 @@ class CptRecipe:
             else:
                 _save_state_dict(self.engine.module.config, state, tmp)
             self.tokenizer.save_pretrained(str(tmp))
-            shutil.copy(self.job.run_config, tmp / "jpadapt_config.yaml")
+            shutil.copy(self.job.context.run_config, tmp / "jpadapt_config.yaml")
             if self.job.extended_from is not None:
                 new_tokens = self.job.extended_from / "new_tokens.json"
                 if new_tokens.is_file():

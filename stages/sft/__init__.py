@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from pipeline.config import ModelConfig, PipelineConfig, SftConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch
 from pipeline.stage import StageContext, StageSpec
-from pipeline.training import check_plan, pick_accelerator, run_workers
+from pipeline.training import check_plan, job_context, pick_accelerator, run_workers
 from stages.sft.job import GROUP_MICRO_BATCHES, Prompt, SftData, SftJob, load_examples, save_examples
 
 TRAIN_DATA, HELDOUT_DATA = "data/train.npz", "data/heldout.npz"
@@ -56,12 +55,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     steps, per_epoch = _total_steps(cfg, ctx)
     ctx.log.info("%d steps (%.2f epochs of %d sequences)", steps, _epochs(cfg, steps, per_epoch), per_epoch)
     job = SftJob(
-        out_dir=ctx.out_dir,
-        run_config=ctx.run_dir / "config.yaml",
-        seed=ctx.seed,
-        parent_pid=os.getpid(),
-        accelerator=accelerator,
-        total_steps=steps,
+        context=job_context(ctx, accelerator, steps),
         sequences_per_epoch=per_epoch,
         base_model=base,
         trust_remote_code=cfg.model.trust_remote_code,

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import SftConfig
+from pipeline.training import JobContext
 
 # Micro steps per length-sorted window of the data order (the usual "group by length" window).
 GROUP_MICRO_BATCHES = 50
@@ -40,12 +41,7 @@ class SftData(BaseModel):
 class SftJob(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    out_dir: Path
-    run_config: Path  # copied into adapter/ (and merged/) as jpadapt_config.yaml
-    seed: int
-    parent_pid: int  # the workers exit when this process is gone
-    accelerator: Literal["cpu", "cuda"]
-    total_steps: int = Field(ge=1)
+    context: JobContext
     sequences_per_epoch: int = Field(ge=1)
     base_model: str  # the HF folder tuned, as written into the adapter's config
     trust_remote_code: bool

@@ -190,10 +190,10 @@ class SftRecipe:
     def __init__(self, job: SftJob):
         self.job = job
         self.s = job.sft
-        self.out = job.out_dir
-        self.accelerator = job.accelerator
-        self.total = job.total_steps
-        where = start_worker(job.parent_pid, job.accelerator)
+        self.out = job.context.out_dir
+        self.accelerator = job.context.accelerator
+        self.total = job.context.total_steps
+        where = start_worker(job.context)
         self.rank, self.world, self.device = where.rank, where.world, where.device
         self.group = self.s.micro_batch_size * self.s.grad_accum * self.world
         self.schedule = lr_schedule(self.s.lr, self.s.warmup_steps, self.total, self.s.min_lr_ratio)
@@ -203,9 +203,9 @@ class SftRecipe:
         import torch
         from transformers import AutoTokenizer
 
-        torch.manual_seed(self.job.seed)  # LoRA's A matrices start identical on every rank
+        torch.manual_seed(self.job.context.seed)  # LoRA's A matrices start identical on every rank
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.job.tokenizer_dir), local_files_only=True)
-        self.stream = SequenceStream(load_examples(self.job.data.train), self.s, self.job.seed, self.world)
+        self.stream = SequenceStream(load_examples(self.job.data.train), self.s, self.job.context.seed, self.world)
         self.heldout = load_examples(self.job.data.heldout)
         self.model = build_model(self.job.base_model, self.s, self.job.target_modules,
                                  self.job.new_token_ids, self.device, self.job.trust_remote_code)
@@ -379,7 +379,7 @@ class SftRecipe:
             "quantization": self.s.quantization, "prompt_format": self.job.prompt_format,
             "new_token_ids": _ranges(self.job.new_token_ids),
         })
-        shutil.copy(self.job.run_config, adapter_dir / "jpadapt_config.yaml")
+        shutil.copy(self.job.context.run_config, adapter_dir / "jpadapt_config.yaml")
 
     def _probe(self) -> dict[str, Any]:
         from data.instruct import Sequence, collate
@@ -476,7 +476,7 @@ class SftRecipe:
         shutil.rmtree(tmp, ignore_errors=True)
         merged.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
-        shutil.copy(self.job.run_config, tmp / "jpadapt_config.yaml")
+        shutil.copy(self.job.context.run_config, tmp / "jpadapt_config.yaml")
         shutil.rmtree(folder, ignore_errors=True)
         tmp.replace(folder)
         del merged, base
