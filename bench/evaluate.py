@@ -78,8 +78,8 @@ def prepared_heldout(work: Path, max_chars: int) -> tuple[dict[str, list[str]], 
 
 def load(folder: Path, device: str) -> tuple[Any, Any]:
     """Model and tokenizer as the stage loads a model.path folder (its own dtype: fp32 here), in eval mode."""
-    from pipeline.models import load_causal_lm
     from pipeline.config import ModelConfig
+    from pipeline.models import load_causal_lm
     from tokenizer.hf import load_hf_tokenizer
 
     model = load_causal_lm(ModelConfig(path=str(folder))).to(device).eval()

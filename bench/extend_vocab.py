@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from data.assets import materialize, materialize_dir  # noqa: E402
-from tokenizer.load import load_tokenizer  # noqa: E402
+from data.assets import materialize, materialize_dir
+from tokenizer.load import load_tokenizer
 
 CASES = (("llama2", "sentencepiece"), ("llama3", "byte-level-bpe"), ("qwen", "byte-level-bpe"))
 
@@ -98,13 +98,13 @@ def write(rows: list[dict], args: argparse.Namespace, documents: int, train_char
     lines = [
         f"# Vocabulary extension: +{args.new_tokens:,} Japanese tokens",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, no GPU; "
+        (f"Machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, no GPU; "
         f"`python bench/extend_vocab.py --new-tokens {args.new_tokens}`. Learned from the bundled Japanese training "
         f"text ({documents} documents, {train_chars:,} characters, raw); measured on the bundled held-out (whole "
-        "documents, no BOS/EOS).",
+        "documents, no BOS/EOS)."),
         "",
-        "| base | morpheme boundaries | learning time | JA chars/token base -> extended | ratio | JA tokens | "
-        "EN chars/token base -> extended | EN records with changed ids | round-trip failures |",
+        ("| base | morpheme boundaries | learning time | JA chars/token base -> extended | ratio | JA tokens | "
+        "EN chars/token base -> extended | EN records with changed ids | round-trip failures |"),
         "|---|---|---:|---|---:|---:|---|---:|---:|",
     ]
     for r in rows:
@@ -116,10 +116,10 @@ def write(rows: list[dict], args: argparse.Namespace, documents: int, train_char
         )
     lines += [
         "",
-        "Targets: LLaMA-2 + 16,000 >= 1.6x Japanese chars/token; LLaMA-3 / Qwen + 16,000 >= 15% fewer Japanese "
+        ("Targets: LLaMA-2 + 16,000 >= 1.6x Japanese chars/token; LLaMA-3 / Qwen + 16,000 >= 15% fewer Japanese "
         "tokens with English chars/token within 1%; learning in minutes on 2 cores. The SentencePiece time is the "
         "candidate model plus the merge (fugashi segmentation included); the byte-level time includes encoding "
-        "the corpus with the base tokenizer, fugashi and the BPE continuation.",
+        "the corpus with the base tokenizer, fugashi and the BPE continuation."),
         "",
     ]
     args.out.write_text("\n".join(lines), encoding="utf-8")

@@ -86,8 +86,8 @@ def model_folder(kind: str, work: Path) -> Path:
     folder = work / "models" / kind
     if (folder / "config.json").is_file():
         return folder
-    from pipeline.models import load_causal_lm, save_model_folder
     from pipeline.config import ModelConfig
+    from pipeline.models import load_causal_lm, save_model_folder
     from tokenizer.hf import load_hf_tokenizer
 
     # bf16 on disk for the 1B shape (2.2 GB instead of 4.4); both sides load it in the compute dtype anyway.
@@ -101,8 +101,8 @@ def model_folder(kind: str, work: Path) -> Path:
 
 
 def prepared_tokenizer(folder: Path) -> Any:
-    """The model's tokenizer as the stage prepares it (stages.sft._tokenizer with prompt_format auto): its own
-    chat template if it has one, else jpadapt's Japanese template; pad = eos when it has no pad token."""
+    """The model's tokenizer as the sft stage saves it into adapter/ (with prompt_format auto): its own chat
+    template if it has one, else jpadapt's Japanese template; pad = eos when it has no pad token."""
     from data.instruct import template_chat_template
     from pipeline.config import PromptTemplateConfig
     from tokenizer.hf import load_hf_tokenizer
@@ -123,7 +123,7 @@ def write_data(work: Path, count: int, tokenizer: Any, max_seq_len: int) -> tupl
     from data.assets import materialize
     from data.instruct import read_conversations, tokenize_all
     from pipeline.config import PromptTemplateConfig
-    from stages.sft import save_examples
+    from stages.sft.job import save_examples
 
     with open(materialize(DATA.removeprefix("bundled:")), encoding="utf-8") as handle:
         lines = [line for line, _ in zip(handle, range(count), strict=False)]
@@ -243,7 +243,7 @@ def baseline_main(job: dict[str, Any]) -> None:
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from stages.sft import load_examples
+    from stages.sft.job import load_examples
 
     gpu = job["gpu"]
     torch.manual_seed(SEED)

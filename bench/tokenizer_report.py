@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.assets import materialize, materialize_dir, stored_path  # noqa: E402
+from data.assets import materialize, materialize_dir, stored_path
 
 CORPORA = ("corpus/ja_heldout.jsonl", "corpus/en_heldout.jsonl")
 TOKENIZERS = ("llama2", "mistral", "llama3", "qwen", "llm-jp")
@@ -123,10 +123,10 @@ def peak_rss_of_report(files: list[Path]) -> float:
     """Peak RSS (MiB) of a fresh process that loads the tokenizers and runs the report on `files`."""
     # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec and would report this (large) parent's RSS.
     code = (
-        "import sys; from pathlib import Path; sys.path.insert(0, %r)\n"
+        f"import sys; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r})\n"
         "from bench.tokenizer_report import time_report\n"
         "time_report([Path(p) for p in sys.argv[1:]])\n"
-        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n" % str(ROOT)
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
@@ -170,9 +170,9 @@ def main() -> None:
     lines = [
         "# Tokenizer report benchmark",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()} (CPU only). Text: bundled ja_heldout + en_heldout, {chars:,} characters; "
-        f"tokenizers: {', '.join(TOKENIZERS)}.",
+        f"tokenizers: {', '.join(TOKENIZERS)}."),
         "",
         f"Best of {args.runs} runs for each line.",
         "",
@@ -186,12 +186,12 @@ def main() -> None:
         "",
         f"Ratio report / bare: **{report_seconds / bare_total:.2f}** (target <= 1.3).",
         "",
-        f"The report also decodes every text with every tokenizer, because round-trip exactness "
+        (f"The report also decodes every text with every tokenizer, because round-trip exactness "
         f"(`decode(encode(x)) == x`) is one of its metrics; the bare line has no decode. Counting the bare "
-        f"decode on the bare side: {report_seconds / (bare_total + bare_decode):.2f}.",
+        f"decode on the bare side: {report_seconds / (bare_total + bare_decode):.2f}."),
         "",
-        f"Peak RSS of the report process: {rss_1:.0f} MiB on the corpus, {rss_n:.0f} MiB on it repeated "
-        f"{args.repeat}x (ratio {rss_n / rss_1:.2f}; the report streams, so this should stay near 1).",
+        (f"Peak RSS of the report process: {rss_1:.0f} MiB on the corpus, {rss_n:.0f} MiB on it repeated "
+        f"{args.repeat}x (ratio {rss_n / rss_1:.2f}; the report streams, so this should stay near 1)."),
     ]
     text = "\n".join(lines) + "\n"
     print(text)

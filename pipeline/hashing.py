@@ -135,7 +135,7 @@ def _read_module(file: str, module: str, mtime_ns: int, size: int) -> tuple[str,
 def _imports(source: bytes, module: str, is_package: bool) -> list[str]:
     """Module names a source file imports. `from a import b` names `a.b` when that is a module, else `a`."""
     names = []
-    for node in ast.walk(ast.parse(source)):
+    for node in _runtime_nodes(ast.parse(source)):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -143,6 +143,23 @@ def _imports(source: bytes, module: str, is_package: bool) -> list[str]:
             names.append(base)
             names += [f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}")]
     return names
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node, except those under `if TYPE_CHECKING:`: annotations' imports never run."""
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            pending += node.orelse
+            continue
+        pending += ast.iter_child_nodes(node)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:

@@ -1,7 +1,7 @@
 """Start a distributed training job as a subprocess, the way users already run DeepSpeed.
 
-    job = launch_command("stages.cpt", [str(spec_file)], cfg.cpt)
-    check_launch(cfg.cpt)                  # port, hostfile: clear errors before anything starts
+    job = launch_command("stages.cpt.worker", [str(job_file)], cfg.cpt, accelerator)
+    check_launch(cfg.cpt, "cpt")           # port, hostfile: clear errors before anything starts
     returncode = run_job(job, log)         # waits; Ctrl-C stops the workers too
 
 One process (`num_gpus: 1`, one node) runs `python -m MODULE` directly with the rendezvous variables a single
@@ -10,14 +10,12 @@ rank needs. More processes go through DeepSpeed's own launcher (`python -m deeps
 argument list is built without a shell. On CPU, `--num_gpus` must be given even on one node (DeepSpeed's CPU
 "device count" is the number of NUMA nodes) and `DS_ACCELERATOR=cpu` selects gloo.
 
-Also what the training workers of cpt and sft share: the DeepSpeed config dict they pass to
-`deepspeed.initialize`, and the learning-rate schedule.
+What the processes do once started (process group, DeepSpeed config, metrics) is `pipeline/training.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import socket
@@ -25,7 +23,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from pipeline.errors import JpadaptError
 
@@ -138,60 +136,3 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-# ---------------------------------------------------------------------------------------------- DeepSpeed config
-
-
-def deepspeed_config(
-    *,
-    micro_batch_size: int,
-    grad_accum: int,
-    grad_clip: float,
-    precision: str,
-    zero_stage: int,
-    offload_optimizer: bool = False,
-    offload_params: bool = False,
-    optimizer: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The `deepspeed.initialize` config. `optimizer`: let DeepSpeed build it (its CPU Adam for offloaded
-    states); None: the caller passes a torch optimizer."""
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if zero_stage == 3:
-        # The consolidated HF folder at the end needs the full weights gathered onto rank 0.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": zero,
-        "steps_per_print": 2**31 - 1,  # jpadapt logs its own metrics
-        "wall_clock_breakdown": False,
-    }
-    if precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif precision == "fp16":
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    if optimizer is not None:
-        config["optimizer"] = optimizer
-    elif offload_optimizer:
-        config["zero_force_ds_cpu_optimizer"] = False  # a torch AdamW stepping on the CPU copy is allowed
-    return config
-
-
-def lr_schedule(lr: float, warmup: int, total: int, min_ratio: float):
-    """Linear re-warming from 0 to `lr` over `warmup` steps, then cosine decay to `lr * min_ratio` at `total`.
-    `schedule(step)` is the learning rate of optimizer step `step` (0-based)."""
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        span = max(1, total - warmup)
-        progress = min(1.0, (step - warmup) / span)
-        return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    return schedule

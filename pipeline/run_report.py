@@ -9,7 +9,7 @@ Sections, each present only when its stage is committed (`stages/<stage>/manifes
                   <- config.yaml, stages/*/manifest.json
     one section per committed stage, in pipeline order: its StageSpec.report_section hook (pipeline/stage.py)
                   returns the blocks and the files its numbers come from (stages/__init__.py lists the stages;
-                  e.g. stages/evaluate/report.py, eval/forgetting.py)
+                  e.g. stages/evaluate/report.py, stages/cpt/report.py)
     Reproduce     the commands, and which file each section's numbers come from
 
 A new stage gets its section by naming a hook in its SPEC; nothing here changes.

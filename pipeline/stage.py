@@ -1,7 +1,8 @@
 """What a stage declares (StageSpec) and what it is handed when it runs (StageContext).
 
-A stage is one module in `stages/` with a module-level `SPEC` and one public `run(cfg, ctx)`. Stage modules
-import heavy libraries (torch, transformers) inside `run`, so the CLI can read every spec without them.
+A stage is one module (or package) in `stages/` with a module-level `SPEC` and one public `run(cfg, ctx)`.
+Stage modules import heavy libraries (torch, transformers) inside `run`, so the CLI can read every spec without
+them.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.models import load_causal_lm, save_model_folder
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
+from pipeline.models import load_causal_lm, save_model_folder
 from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, state_of
 from tests.helpers.jsonl import read_jsonl, read_texts
 from tests.helpers.tiny import byte_bpe_tokenizer

@@ -1,18 +1,21 @@
-"""How training jobs are launched: argument lists (no shell), rendezvous variables, hostfile and port checks,
-the DeepSpeed config, and the learning-rate schedule."""
+"""How training jobs are launched (argument lists without a shell, rendezvous variables, hostfile and port
+checks), and the DeepSpeed config and learning-rate schedule the workers train with (`pipeline.training`)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import socket
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
 from pipeline.errors import JpadaptError
-from pipeline.launch import check_launch, deepspeed_config, launch_command, lr_schedule, port_free
+from pipeline.launch import check_launch, launch_command, port_free
+from pipeline.training import ERROR_FILE, deepspeed_config, job_context, load_job, lr_schedule, save_job, worker_main
 
 
 @dataclass
@@ -24,8 +27,8 @@ class Settings:
 
 
 def test_one_process_runs_the_module_directly_with_rank_variables():
-    job = launch_command("stages.cpt", ["/tmp/job.json"], Settings(), "cpu")
-    assert job.argv == [sys.executable, "-m", "stages.cpt", "/tmp/job.json"]
+    job = launch_command("stages.cpt.worker", ["/tmp/job.json"], Settings(), "cpu")
+    assert job.argv == [sys.executable, "-m", "stages.cpt.worker", "/tmp/job.json"]
     assert job.world_size == 1
     assert job.env["RANK"] == "0" and job.env["WORLD_SIZE"] == "1" and job.env["LOCAL_RANK"] == "0"
     assert job.env["MASTER_PORT"] == "29555" and job.env["DS_ACCELERATOR"] == "cpu"
@@ -33,13 +36,13 @@ def test_one_process_runs_the_module_directly_with_rank_variables():
 
 def test_several_processes_go_through_the_deepspeed_launcher(tmp_path):
     hostfile = tmp_path / "hosts"
-    job = launch_command("stages.cpt", ["job.json"], Settings(8, 2, str(hostfile), 29600), "cuda")
+    job = launch_command("stages.cpt.worker", ["job.json"], Settings(8, 2, str(hostfile), 29600), "cuda")
     assert job.argv[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert job.argv[job.argv.index("--num_gpus") + 1] == "8"
     assert job.argv[job.argv.index("--num_nodes") + 1] == "2"
     assert job.argv[job.argv.index("--master_port") + 1] == "29600"
     assert job.argv[job.argv.index("--hostfile") + 1] == str(hostfile)
-    assert job.argv[-3:] == ["--module", "stages.cpt", "job.json"]
+    assert job.argv[-3:] == ["--module", "stages.cpt.worker", "job.json"]
     assert job.world_size == 16 and job.env["DS_ACCELERATOR"] == "cuda"
     assert "RANK" not in job.env  # the launcher sets them per process
 
@@ -94,3 +97,32 @@ def test_lr_schedule_rewarms_then_decays_to_the_floor():
     values = [schedule(step) for step in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(values))
     assert lr_schedule(1e-3, warmup=0, total=5, min_ratio=0.0)(0) == pytest.approx(1e-3)
+
+
+def test_job_file_round_trips_and_a_bad_field_is_named(tmp_path):
+    """The typed job the stage writes is what the worker reads; a missing or malformed field stops the worker
+    with a message naming it (in worker-error.txt, which the stage turns into its one-line error)."""
+    from pipeline.config import CptConfig, ModelConfig
+    from stages.cpt.job import CptJob, TokenFiles
+
+    stage = SimpleNamespace(out_dir=tmp_path, run_dir=tmp_path.parent, seed=7)
+    job = CptJob(context=job_context(stage, "cpu", 3), model=ModelConfig(from_config={"model_type": "llama"}),
+                 extended_from=None, tokenizer_dir=tmp_path / "tokenizer",
+                 tokens={"ja": TokenFiles(prefix=tmp_path / "ja", n_tokens=10, n_docs=2)},
+                 heldout={"ja": [tmp_path / "ja_heldout.jsonl"]}, cpt=CptConfig(max_steps=3))
+    job_file = tmp_path / "job.json"
+    save_job(job, job_file)
+    assert load_job(CptJob, job_file) == job
+
+    values = json.loads(job_file.read_text(encoding="utf-8"))
+    del values["context"]["seed"]
+    values["cpt"]["lr"] = "fast"
+    job_file.write_text(json.dumps(values), encoding="utf-8")
+    with pytest.raises(JpadaptError, match=r"context\.seed: Field required.*cpt\.lr"):
+        load_job(CptJob, job_file)
+
+    def never(job):
+        raise AssertionError("the recipe must not start on a bad job")
+
+    assert worker_main(str(job_file), CptJob, never) == 2
+    assert "context.seed" in (tmp_path / ERROR_FILE).read_text(encoding="utf-8")

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.models import load_causal_lm, save_model_folder
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, SftConfig
 from pipeline.launch import free_port
+from pipeline.models import load_causal_lm, save_model_folder
 from tests.helpers.cli import assert_one_line_error, jpadapt
 from tests.helpers.jsonl import read_jsonl
 from tests.helpers.tiny import byte_bpe_tokenizer
@@ -211,10 +211,11 @@ def test_frozen_weights_stay_bit_identical_in_training(workspace):
     """In-process training steps on the QLoRA model: only LoRA matrices and the new rows' delta change; every
     other tensor, the packed 4-bit codes included, is bit-identical afterwards."""
     from data.instruct import Sequence, collate
-    from stages.sft import batch_tensors, build_model, lora_targets, response_loss
+    from stages.sft import lora_targets
+    from stages.sft.worker import batch_tensors, build_model, response_loss
 
-    settings = {"quantization": "nf4", "precision": "fp32", "gradient_checkpointing": True, "lora_r": 4,
-                "lora_alpha": 8, "lora_dropout": 0.0}
+    settings = SftConfig(quantization="nf4", precision="fp32", gradient_checkpointing=True, lora_r=4, lora_alpha=8,
+                         lora_dropout=0.0)
     base = load_causal_lm(ModelConfig(path=str(workspace / "extended")))
     targets = lora_targets(base, "all-linear", "nf4")
     model = build_model(str(workspace / "extended"), settings, targets, list(range(*NEW_IDS)), torch.device("cpu"))
@@ -242,10 +243,10 @@ def test_bf16_compute_on_the_4bit_base(workspace):
     """The GPU configuration (bf16 compute under autocast) on the CPU: the loss matches transformers' own loss
     in bf16, trainable parameters stay fp32 masters, and a step moves them."""
     from data.instruct import Sequence, collate
-    from stages.sft import batch_tensors, build_model, response_loss
+    from stages.sft.worker import batch_tensors, build_model, response_loss
 
-    settings = {"quantization": "nf4", "precision": "bf16", "gradient_checkpointing": True, "lora_r": 4,
-                "lora_alpha": 8, "lora_dropout": 0.0}
+    settings = SftConfig(quantization="nf4", precision="bf16", gradient_checkpointing=True, lora_r=4, lora_alpha=8,
+                         lora_dropout=0.0)
     model = build_model(str(workspace / "model"), settings, ["q_proj", "v_proj"], [], torch.device("cpu"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
@@ -267,7 +268,7 @@ def test_bf16_compute_on_the_4bit_base(workspace):
 def test_loss_ignores_every_prompt_token(workspace):
     """A hand-built example: the loss equals cross-entropy over the answer positions only, and no gradient
     reaches the hidden state of any position whose next token is a prompt token."""
-    from stages.sft import response_loss
+    from stages.sft.worker import response_loss
 
     model = load_causal_lm(ModelConfig(path=str(workspace / "model")))
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 2]])

@@ -1,4 +1,4 @@
-"""eval/sft_report.py: report.md, report.html and loss.png from a hand-written sft stage directory.
+"""stages/sft/report.py: report.md, report.html and loss.png from a hand-written sft stage directory.
 
 Expected numbers are recomputed here from the files written into the stage directory, not taken from the module.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.sft_report import write_report
+from stages.sft.report import write_report
 
 SUMMARY = {
     "steps": 4, "epochs": 0.8, "world_size": 1, "accelerator": "cpu", "zero_stage": 0,

@@ -62,7 +62,7 @@ class ModelEntry:
 def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     import torch
 
-    from eval.workers import check_plan, pick_accelerator
+    from pipeline.training import check_plan, pick_accelerator
 
     settings = cfg.evaluate
     device = torch.device(pick_accelerator("evaluate", settings.accelerator, 1, "fp32"))

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 
-from eval.forgetting import LANG_COLORS, LANG_NAMES
 from pipeline import reportkit as kit
 from pipeline.reportkit import Bullets, Heading, Paragraph, Plot, Section, SectionContext, Table
+from stages.cpt.report import LANG_COLORS, LANG_NAMES
 
 TITLE = "Evaluation"
 BPB_PLOT = "bits_per_byte.png"

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline import reportkit as kit
 from pipeline.reportkit import DASH, Block, Bullets, Heading, Paragraph, Section, SectionContext, Table
 
-CUDA_PEAK = "torch.cuda.max_memory_allocated"  # eval/workers.py's peak_memory kind on a GPU
+CUDA_PEAK = "torch.cuda.max_memory_allocated"  # pipeline/training.py's peak_memory kind on a GPU
 OVERHEAD_TERM = "framework overhead"  # the planner's fixed allowance (CUDA context, workspace, fragmentation)
 
 

@@ -1,0 +1,368 @@
+"""The training runtime that cpt and sft share, on both sides of the launch (`pipeline/launch.py` starts the
+processes). torch and DeepSpeed are imported inside the functions: `pipeline/` stays torch-free at import.
+
+Stage side (the `jpadapt` process):
+    accelerator = pick_accelerator("sft", settings.accelerator, settings.num_gpus, precision)
+    run_workers("stages.X.worker", job, job_file, settings, accelerator, log)
+        # writes the typed job (a pydantic model), launches, waits; worker errors become one-line messages
+
+Worker side (every rank, `python -m stages.X.worker job.json`):
+    sys.exit(worker_main(job_file, XJob, XRecipe))   # setup, train, save, cleanup; JpadaptError ->
+                                                     # worker-error.txt, crash -> log.txt
+    start_worker, deepspeed_config, lr_schedule, initialize, MetricsLogger, progress, grad_norm, peak_memory
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import JpadaptError
+
+ERROR_FILE = "worker-error.txt"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+JobT = TypeVar("JobT", bound=BaseModel)
+
+
+class JobContext(BaseModel):
+    """What every training job's workers are told whatever the stage: where to write, the seed, who started
+    them, on what, for how long. The stage's job model holds it as its `context` field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out_dir: Path  # the stage directory; job.json is in it
+    run_config: Path  # the run's config.yaml, copied into the model folders the job writes
+    seed: int
+    parent_pid: int  # the workers exit when this process is gone
+    accelerator: Literal["cpu", "cuda"]
+    total_steps: int = Field(ge=1)
+
+
+# ---------------------------------------------------------------------------------------------- stage side
+
+
+def pick_accelerator(section: str, wanted: str, num_gpus: int, precision: str) -> str:
+    """"cuda" or "cpu" for a section's `accelerator` setting, refusing what this machine cannot do."""
+    import torch
+
+    available = torch.cuda.is_available()
+    if wanted == "cuda" and not available:
+        raise JpadaptError(f"{section}.accelerator: cuda requested but torch sees no GPU (set {section}.accelerator: cpu)")
+    accelerator = "cuda" if wanted == "cuda" or (wanted == "auto" and available) else "cpu"
+    if accelerator == "cuda" and num_gpus > torch.cuda.device_count():
+        raise JpadaptError(f"{section}.num_gpus is {num_gpus} but this machine has {torch.cuda.device_count()} GPU(s)")
+    if accelerator == "cpu" and precision == "fp16":
+        raise JpadaptError(f"{section}.precision: fp16 needs a GPU; on the CPU use bf16 or fp32")
+    return accelerator
+
+
+def check_plan(cfg: Any, stage: str, ctx: Any) -> None:
+    """The planner's verdict before a launch: a run that cannot fit stops here, unless `--force`."""
+    from pipeline.planner.plan import check_fits
+
+    if ctx.forced:
+        ctx.log.info("--force: the planner's memory check is skipped")
+        return
+    plan = check_fits(cfg, stage)
+    if plan is not None:
+        ctx.log.info("plan: ~%.1f GiB per GPU on %s, fits", plan.memory.gpu_bytes / 2**30, plan.gpu.name)
+
+
+def save_job(job: BaseModel, path: Path) -> None:
+    """The job file the workers read; a stale worker error from an earlier attempt is removed with it."""
+    path.write_text(job.model_dump_json(indent=1), encoding="utf-8")
+    (path.parent / ERROR_FILE).unlink(missing_ok=True)
+
+
+def job_context(ctx: Any, accelerator: str, total_steps: int) -> JobContext:
+    """The context of a job launched from this process by the stage whose StageContext is `ctx`."""
+    return JobContext(out_dir=ctx.out_dir, run_config=ctx.run_dir / "config.yaml", seed=ctx.seed,
+                      parent_pid=os.getpid(), accelerator=accelerator, total_steps=total_steps)
+
+
+def run_workers(module: str, job: BaseModel, job_file: Path, settings: Any, accelerator: str, log: Any) -> None:
+    """Write the job, run `python -m module job_file` on every rank (`pipeline.launch`), wait, and turn what
+    the workers left behind into the stage's outcome (`check_job`)."""
+    from pipeline.launch import launch_command, run_job
+
+    save_job(job, job_file)
+    check_job(job_file.parent, run_job(launch_command(module, [str(job_file)], settings, accelerator), log))
+
+
+def load_job(job_type: type[JobT], path: Path) -> JobT:
+    """The job as the parent wrote it, validated: a missing or malformed field is named, not a KeyError."""
+    try:
+        return job_type.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise JpadaptError(f"{path}: not a valid {job_type.__name__} ({problems})") from None
+
+
+def check_job(out_dir: Path, returncode: int, expected: str = "summary.json") -> None:
+    """After the job: a worker's JpadaptError as the stage's one-line error; a crash or a missing result as a
+    RuntimeError (the runner points at log.txt, where the worker's traceback is)."""
+    error = out_dir / ERROR_FILE
+    if error.is_file():
+        raise JpadaptError(error.read_text(encoding="utf-8").strip())
+    if returncode != 0:
+        raise RuntimeError(f"the training job exited with code {returncode} (its output is above)")
+    if not (out_dir / expected).is_file():
+        raise RuntimeError(f"the training job exited without writing {expected}")
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+
+class Recipe(Protocol):
+    """A worker's phases, in the order `worker_main` runs them."""
+
+    def setup(self) -> None: ...
+    def train(self) -> None: ...
+    def save(self) -> None: ...
+    def cleanup(self) -> None: ...
+
+
+def worker_main(job_file: str, job_type: type[JobT], recipe: Callable[[JobT], Recipe]) -> int:
+    """One rank's life: read the typed job, run the recipe's phases. Errors land where the stage process looks:
+    a JpadaptError in worker-error.txt (its one-line message), a crash's traceback in log.txt."""
+    out = Path(job_file).parent  # the stage writes job.json into its own directory
+    try:
+        job = load_job(job_type, Path(job_file))
+        quiet_libraries()
+        phases = recipe(job)
+        phases.setup()
+        phases.train()
+        phases.save()
+        phases.cleanup()
+    except JpadaptError as exc:
+        (out / ERROR_FILE).write_text(str(exc) + "\n", encoding="utf-8")
+        return 2
+    except Exception:
+        with (out / "log.txt").open("a", encoding="utf-8") as log:
+            log.write(f"worker rank {os.environ.get('RANK', '0')} crashed:\n{traceback.format_exc()}")
+        raise
+    return 0
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Where this worker process sits in the job (from the launcher's environment)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: Any  # torch.device
+
+
+def start_worker(context: JobContext) -> Rank:
+    """Every worker's first steps: the parent watchdog, its device, the process group (nccl or gloo)."""
+    import deepspeed
+    import torch
+
+    exit_with_parent(context.parent_pid)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = context.accelerator == "cuda"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        torch.set_flush_denormal(True)  # tiny gradients late in training otherwise halve CPU speed
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return Rank(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local_rank,
+                torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+def exit_with_parent(pid: int, interval: float = 2.0) -> None:
+    """Workers exit when the jpadapt process that launched them is gone (killed), instead of living on as
+    orphans that hold the GPUs, wait forever in a collective, or keep writing into the stage directory."""
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(3)
+            except PermissionError:  # alive, owned by someone else
+                pass
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def quiet_libraries() -> None:
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------- optimization
+
+
+def deepspeed_config(
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    grad_clip: float,
+    precision: str,
+    zero_stage: int,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    optimizer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `deepspeed.initialize` config. `optimizer`: let DeepSpeed build it (its CPU Adam for offloaded
+    states); None: the caller passes a torch optimizer."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        # The consolidated HF folder at the end needs the full weights gathered onto rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # jpadapt logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if optimizer is not None:
+        config["optimizer"] = optimizer
+    elif offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False  # a torch AdamW stepping on the CPU copy is allowed
+    return config
+
+
+def lr_schedule(lr: float, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear re-warming from 0 to `lr` over `warmup` steps, then cosine decay to `lr * min_ratio` at `total`.
+    `schedule(step)` is the learning rate of optimizer step `step` (0-based)."""
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return schedule
+
+
+def decay_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: weight decay on matrices (and embeddings), none on norms
+    and biases (1-D)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def initialize(model: Any, optimizer: Any, schedule: Callable[[int], float], lr: float, config: dict[str, Any],
+               model_parameters: Any = None) -> tuple[Any, Any]:
+    """(engine, lr scheduler) from `deepspeed.initialize`; the step -> learning rate function becomes a torch
+    scheduler over the optimizer DeepSpeed builds (from `config`) or wraps (`optimizer`)."""
+    import deepspeed
+    import torch
+
+    def scheduler(built: Any) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(built, lambda step: schedule(step) / lr)
+
+    engine, _, _, lr_scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                      model_parameters=model_parameters,
+                                                      lr_scheduler=scheduler, config=config)
+    return engine, lr_scheduler
+
+
+def grad_norm(model: Any) -> float:
+    """The L2 norm of all gradients, before clipping (ZeRO-0 does not report it)."""
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def peak_memory(accelerator: str, device: Any) -> dict[str, Any]:
+    """The largest peak over ranks (a collective): GPU memory allocated by torch, or the process's max RSS."""
+    import resource
+
+    import torch
+
+    if accelerator == "cuda":
+        value, kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    else:
+        value, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+    peak = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return {"bytes": int(peak.item()), "kind": kind}
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+class MetricsLogger:
+    """Rank 0's record of a training job: JSON lines in the stage directory (metrics.jsonl per step, one file
+    per kind of evaluation) and the same scalars in TensorBoard. On other ranks every call does nothing."""
+
+    def __init__(self, out: Path, rank: int):
+        self.out = out
+        self.enabled = rank == 0
+        self._board: Any = None  # created on the first scalar: a run that stops earlier leaves no event file
+
+    def train(self, record: dict[str, Any], scalars: tuple[str, ...]) -> None:
+        """One optimizer step's record; `scalars`: its keys that go to TensorBoard as `train/<key>`."""
+        self.record(METRICS_FILE, record, {f"train/{key}": record.get(key) for key in scalars})
+
+    def record(self, file: str, record: dict[str, Any], scalars: dict[str, float | None]) -> None:
+        """Append `record` (it has a "step") to `file`, and the scalars that are not None at that step."""
+        if not self.enabled:
+            return
+        append_jsonl(self.out / file, record)
+        if self._board is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(self.out / TENSORBOARD_DIR))
+        for tag, value in scalars.items():
+            if value is not None:
+                self._board.add_scalar(tag, value, record["step"])
+        self._board.flush()
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+
+
+def progress(rank: int, start: int, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, unit="step", disable=rank != 0, dynamic_ncols=True)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Written whole or not at all (readers never see half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,244 @@
+"""Stage `cpt`: continued pretraining on Japanese mixed with English replay, on DeepSpeed ZeRO.
+
+The stage process (`run`) checks everything it can before any GPU is touched, tokenizes the prepared train
+shards once (cached by content under `runs/<name>/.cache/cpt-tokens/`), writes `job.json` and starts the
+training job as a subprocess: one process, or DeepSpeed's launcher for several GPUs or nodes
+(`pipeline/launch.py`). Every rank runs the worker (`python -m stages.cpt.worker job.json`, `worker.py`),
+told what to do by the typed job in `job.py`.
+
+Outputs, in `runs/<name>/stages/cpt/`:
+    model/              consolidated HF folder (safetensors, also from ZeRO-3), tokenizer, jpadapt_config.yaml
+    metrics.jsonl       per step: loss, lr, grad norm, tokens, tokens/s, realized English share
+    forgetting.jsonl    per evaluation (step 0, every eval_every, the end): JA/EN loss and bits per byte
+    summary.json        tokens seen, realized mix, wall time, tokens/s, peak memory, final evaluation
+    report.md, forgetting.png   the forgetting curves (`stages/cpt/report.py`)
+    tensorboard/        the same scalars for TensorBoard
+    checkpoints/        the newest `keep_checkpoints` DeepSpeed checkpoints, each with data position and RNG
+    job.json            what the workers were told
+
+Resuming: the stage is resumable. When a run dies (crash, SIGKILL, Ctrl-C), rerunning `jpadapt cpt` with
+the same configuration reuses the partial directory; the worker loads the newest *complete* checkpoint
+(marked by `complete.json`, written after every rank saved), drops metrics logged after it and continues.
+The data position is the optimizer step: block indices are a pure function of the step
+(`data.mixture.shard_indices`), so the resumed run reads exactly the blocks the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.errors import JpadaptError
+from pipeline.launch import check_launch
+from pipeline.stage import StageContext, StageSpec, lazy
+from pipeline.training import check_plan, job_context, pick_accelerator, run_workers, write_json
+from stages.cpt.job import LANGS, CptJob, TokenFiles
+
+
+def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
+    settings = cfg.cpt
+    accelerator = pick_accelerator("cpt", settings.accelerator, settings.num_gpus, settings.precision)
+    _check_seq_len(cfg)
+    check_plan(cfg, "cpt", ctx)
+    check_launch(settings, "cpt")
+    prepared = ctx.artifact("prepare")
+    extended = ctx.prerequisites.get("extend-vocab")
+    tokenizer, tokenizer_dir = _tokenizer(cfg, extended, ctx.out_dir)
+    _check_vocab(_trained_model(cfg, extended), tokenizer)
+    tokens = _token_files(cfg, prepared, tokenizer, tokenizer_dir, ctx)
+    steps = _total_steps(cfg)
+    _warn_repeats(cfg, tokens, steps, ctx)
+    job = _job(cfg, ctx, prepared, extended, tokenizer_dir, tokens, steps, accelerator)
+    run_workers(WORKER, job, ctx.out_dir / "job.json", settings, accelerator, ctx.log)
+
+    from stages.cpt.report import write_report
+
+    summary = json.loads((ctx.out_dir / "summary.json").read_text(encoding="utf-8"))
+    if extended is not None:
+        summary["vocab_saving"] = _vocab_saving(cfg, summary, extended)
+        write_json(ctx.out_dir / "summary.json", summary)
+    write_report(ctx.out_dir)
+    final = summary["final_eval"]
+    return {
+        "steps": summary["steps"],
+        "tokens": summary["tokens_seen"],
+        "en_share": round(summary["realized_en_share"], 4),
+        **{f"{lang}_bpb": round(final[lang]["bits_per_byte"], 4) for lang in LANGS if lang in final},
+    }
+
+
+def _total_steps(cfg: PipelineConfig) -> int:
+    settings = cfg.cpt
+    if settings.max_steps is not None:
+        return settings.max_steps
+    per_step = settings.micro_batch_size * settings.grad_accum * settings.num_gpus * settings.num_nodes * settings.seq_len
+    return max(1, math.ceil(settings.train_tokens / per_step))
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+
+
+def _check_seq_len(cfg: PipelineConfig) -> None:
+    from pipeline.models import model_config_values
+
+    values = model_config_values(cfg.model)
+    limit = values.get("max_position_embeddings")
+    if isinstance(limit, int) and cfg.cpt.seq_len > limit:
+        raise JpadaptError(
+            f"cpt.seq_len is {cfg.cpt.seq_len} but the model allows at most {limit} positions "
+            "(max_position_embeddings)"
+        )
+
+
+def _tokenizer(cfg: PipelineConfig, extended: Path | None, out_dir: Path) -> tuple[Any, Path]:
+    """The tokenizer of the model being trained, saved once into the stage directory (the workers and the
+    output model folder take it from there)."""
+    from tokenizer.hf import load_hf_tokenizer
+
+    if extended is not None:
+        tokenizer = load_hf_tokenizer(extended / "tokenizer", key="extend-vocab output")
+    else:
+        spec = cfg.model.tokenizer or cfg.model.path
+        if spec is None:
+            raise JpadaptError("cpt needs the model's tokenizer: set model.tokenizer (or model.path)")
+        tokenizer = load_hf_tokenizer(spec, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise JpadaptError("cpt: the tokenizer has no EOS token, which separates packed documents")
+    folder = out_dir / "tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer, folder
+
+
+def _trained_model(cfg: PipelineConfig, extended: Path | None) -> ModelConfig:
+    """The `model` section the workers load: the extend-vocab output replaces the configured model."""
+    if extended is not None and (extended / "model").is_dir():
+        return cfg.model.model_copy(update={"path": str(extended / "model"), "from_config": None})
+    return cfg.model
+
+
+def _check_vocab(model_cfg: ModelConfig, tokenizer: Any) -> None:
+    from pipeline.models import model_vocab_size
+
+    rows = model_vocab_size(model_cfg)
+    if len(tokenizer) > rows:
+        raise JpadaptError(
+            f"model: {rows:,} embedding rows but the tokenizer has {len(tokenizer):,} ids; "
+            "set model.tokenizer to the model's own tokenizer (or enable extend-vocab to grow the model)"
+        )
+
+
+def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_dir: Path,
+                 ctx: StageContext) -> dict[str, TokenFiles]:
+    """Tokenize the train shards once per (tokenizer, shards) content; later runs and reruns reuse them."""
+    from data.mixture import load_token_file, tokenize_corpus
+    from data.prepare import prepared_shards, prepared_texts
+    from pipeline.hashing import digest, sha256_file
+
+    # The shards' hashes are in prepare's manifest already: no second pass over gigabytes of text.
+    hashes = {rel: entry["sha256"] for rel, entry in json.loads((prepared / "manifest.json").read_text())["outputs"].items()}
+    tokenizer_key = {p.name: sha256_file(p) for p in sorted(tokenizer_dir.iterdir()) if p.is_file()}
+    langs = ["ja"] + (["en"] if cfg.cpt.replay_ratio > 0 else [])
+    prefixes = {}
+    for lang in langs:
+        shards = prepared_shards(prepared, lang, "train")
+        if not shards:
+            what = "Japanese" if lang == "ja" else "English replay (cpt.replay_ratio > 0)"
+            raise JpadaptError(f"cpt: the prepare stage wrote no {what} train shards in {prepared / lang}")
+        key = digest({
+            "tokenizer": tokenizer_key,
+            "shards": [hashes.get(f"{lang}/{p.name}") or sha256_file(p) for p in shards],
+            "bos": tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id,
+        })[:16]
+        prefix = ctx.run_dir / ".cache" / "cpt-tokens" / key / lang
+        cached = load_token_file(prefix)
+        if cached is None:
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            count = sum(_line_count(shard) for shard in shards)  # one record per line
+            cached = tokenize_corpus(prepared_texts(shards), tokenizer, prefix, bos_id=tokenizer.bos_token_id,
+                                     eos_id=tokenizer.eos_token_id, total=count, desc=f"tokenize {lang}")
+        else:
+            ctx.log.info("%s: tokenized train set from the cache (%s)", lang, prefix.parent)
+        ctx.log.info("%s: %s documents, %s tokens", lang, f"{cached.n_docs:,}", f"{cached.n_tokens:,}")
+        prefixes[lang] = TokenFiles(prefix=prefix, n_tokens=cached.n_tokens, n_docs=cached.n_docs)
+    return prefixes
+
+
+def _line_count(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+def _warn_repeats(cfg: PipelineConfig, tokens: dict[str, TokenFiles], steps: int, ctx: StageContext) -> None:
+    settings = cfg.cpt
+    blocks = steps * settings.micro_batch_size * settings.grad_accum * settings.num_gpus * settings.num_nodes
+    share = {"ja": 1 - settings.replay_ratio, "en": settings.replay_ratio}
+    for lang, entry in tokens.items():
+        epochs = blocks * share[lang] * settings.seq_len / entry.n_tokens
+        if epochs > 1:
+            ctx.log.warning("%s: the run reads the train set %.1f times (repeated data)", lang, epochs)
+
+
+def _job(cfg: PipelineConfig, ctx: StageContext, prepared: Path, extended: Path | None, tokenizer_dir: Path,
+         tokens: dict[str, TokenFiles], steps: int, accelerator: str) -> CptJob:
+    from data.prepare import prepared_shards
+
+    heldout = {lang: prepared_shards(prepared, lang, "heldout") for lang in LANGS}
+    return CptJob(
+        context=job_context(ctx, accelerator, steps),
+        model=_trained_model(cfg, extended),
+        extended_from=extended,
+        tokenizer_dir=tokenizer_dir,
+        tokens=tokens,
+        heldout={lang: files for lang, files in heldout.items() if files},
+        cpt=cfg.cpt,
+    )
+
+
+def _vocab_saving(cfg: PipelineConfig, summary: dict[str, Any], extended: Path) -> dict[str, Any]:
+    from pipeline.planner.plan import model_shape
+    from stages.cpt.report import vocab_saving
+
+    efficiency = json.loads((extended / "summary.json").read_text(encoding="utf-8"))["efficiency"]
+    try:
+        params = model_shape(cfg).total_params
+    except JpadaptError:
+        params = None  # an architecture the planner does not know: tokens only
+    return vocab_saving(summary["tokens_by_language"], efficiency, params)
+
+
+# The module every rank runs; also a root of cpt's code fingerprint (it is launched, not imported).
+WORKER = "stages.cpt.worker"
+
+
+def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
+    from pipeline.models import model_inputs
+
+    return model_inputs(cfg.model)
+
+
+SPEC = StageSpec(
+    name="cpt",
+    run=run,
+    description="continued pretraining on Japanese + English replay on DeepSpeed ZeRO, with a forgetting curve",
+    requires=("prepare",),
+    uses=("extend-vocab",),
+    params=("run.seed", "model", "cpt.replay_ratio", "cpt.seq_len", "cpt.micro_batch_size", "cpt.grad_accum",
+            "cpt.max_steps", "cpt.train_tokens", "cpt.lr", "cpt.min_lr_ratio", "cpt.warmup_steps",
+            "cpt.weight_decay", "cpt.adam_betas", "cpt.grad_clip", "cpt.precision", "cpt.gradient_checkpointing",
+            "cpt.zero_stage", "cpt.offload_optimizer", "cpt.offload_params", "cpt.num_gpus", "cpt.num_nodes",
+            "cpt.accelerator", "cpt.eval_every", "cpt.eval_chars", "cpt.save_every"),
+    # Launch details, checkpoint retention and the preflight plan check (the vocabulary it assumes is the
+    # extend-vocab output, fingerprinted as upstream) do not change what cpt produces.
+    unhashed=("cpt.master_port", "cpt.hostfile", "cpt.keep_checkpoints", "plan", "extend_vocab.new_tokens", "extend_vocab.pad_to_multiple_of"),
+    inputs=_inputs,
+    outputs=("model/config.json", "metrics.jsonl", "forgetting.jsonl", "summary.json",
+             "report.md", "forgetting.png"),
+    libraries=("safetensors",),
+    worker=WORKER,
+    report_section=lazy("stages.cpt.report:report_section"),
+    resumable=True,
+)
