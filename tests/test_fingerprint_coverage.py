@@ -140,6 +140,21 @@ def test_code_fingerprint_follows_imports_the_specs_used_to_miss() -> None:
     assert all("stages" in modules and "pipeline" in modules for modules in code.values())
     # A stage that imports no training code does not rerun when it changes.
     assert "pipeline.launch" not in code["prepare"] and "stages.cpt" not in code["prepare"]
+    # Workers are launched by name, not imported: SPEC.worker makes them (and what they import) code.
+    assert {"stages.cpt.worker", "stages.cpt.job", "pipeline.training"} <= set(code["cpt"])
+    assert {"stages.sft.worker", "stages.sft.job", "pipeline.training"} <= set(code["sft"])
+    # The run report's section is not the stage's output, and `if TYPE_CHECKING:` imports never run.
+    assert "stages.prepare.report" not in code["prepare"] and "pipeline.reportkit" not in code["prepare"]
+
+
+def test_each_stage_launches_the_worker_its_fingerprint_follows() -> None:
+    """The worker a stage fingerprints is the module it launches: the same constant, not a second list."""
+    import stages.cpt
+    import stages.sft
+
+    for module in (stages.cpt, stages.sft):
+        assert module.SPEC.worker == module.WORKER
+        assert "run_workers(WORKER," in Path(module.__file__).read_text(encoding="utf-8")
 
 
 def test_library_versions_come_from_what_the_code_imports() -> None:
