@@ -23,7 +23,7 @@ import yaml
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
 from pipeline.models import load_causal_lm, save_model_folder
-from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, state_of
+from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, run_cli, state_of
 from tests.helpers.jsonl import read_jsonl, read_texts
 from tests.helpers.tiny import byte_bpe_tokenizer
 
@@ -254,7 +254,8 @@ def bad_input(workspace, tmp_path) -> Path:
     ],
 )
 def test_bad_settings_fail_before_launch(bad_input, override, fragments):
-    result = jpadapt("cpt", str(bad_input), override, cwd=bad_input.parent)
+    """In-process (`cli.main`): nothing launches. The refused plan below is the real command's exit code."""
+    result = run_cli("cpt", str(bad_input), override, cwd=bad_input.parent)
     assert_one_line_error(result, *fragments)
     assert "launching" not in result.stdout
 
@@ -264,7 +265,7 @@ def test_port_in_use_fails_before_launch(bad_input):
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        result = jpadapt("cpt", str(bad_input), f"cpt.master_port={port}", cwd=bad_input.parent)
+        result = run_cli("cpt", str(bad_input), f"cpt.master_port={port}", cwd=bad_input.parent)
     assert_one_line_error(result, f"cpt.master_port: port {port} is in use")
     assert "launching" not in result.stdout
 
@@ -272,7 +273,7 @@ def test_port_in_use_fails_before_launch(bad_input):
 def test_unwritable_output_dir(bad_input, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = jpadapt("cpt", str(bad_input), f"run.output_dir={blocker}/runs", cwd=bad_input.parent)
+    result = run_cli("cpt", str(bad_input), f"run.output_dir={blocker}/runs", cwd=bad_input.parent)
     assert_one_line_error(result, "run.output_dir", "cannot write")
 
 
@@ -287,7 +288,7 @@ def test_a_plan_that_does_not_fit_is_refused_unless_forced(bad_input):
 def test_english_replay_needs_english_train_shards(bad_input, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    result = jpadapt("cpt", str(bad_input), f"data.en.train={empty}", cwd=bad_input.parent)
+    result = run_cli("cpt", str(bad_input), f"data.en.train={empty}", cwd=bad_input.parent)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "en" in result.stderr.strip().splitlines()[-1]
 

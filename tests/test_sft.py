@@ -17,7 +17,7 @@ import yaml
 from pipeline.config import ModelConfig, SftConfig
 from pipeline.launch import free_port
 from pipeline.models import load_causal_lm, save_model_folder
-from tests.helpers.cli import assert_one_line_error, jpadapt
+from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
 from tests.helpers.jsonl import read_jsonl
 from tests.helpers.tiny import byte_bpe_tokenizer
 
@@ -312,8 +312,10 @@ def test_zero2_two_processes_match_one_process(workspace, tmp_path):
 
 
 def _fails(workspace: Path, tmp_path: Path, *fragments: str, model: str = "model", **sft) -> None:
+    """In-process (`cli.main`): each fails before any worker starts, so a process of its own only costs imports;
+    test_zero2_two_processes_match_one_process runs the real command."""
     config = write_config(workspace, tmp_path / "out", model=model, **sft)
-    result = jpadapt("sft", str(config), cwd=tmp_path)
+    result = run_cli("sft", str(config), cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert not (stage_dir(tmp_path / "out") / "summary.json").exists()
 
