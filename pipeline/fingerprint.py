@@ -42,9 +42,9 @@ def outputs_digest(manifest: dict[str, Any]) -> str:
 
 
 def stage_code(spec: StageSpec) -> tuple[dict[str, str], dict[str, str]]:
-    """({module: source digest}, {distribution: version}) of the code a stage runs: the first-party modules its
-    `run` module and its worker module import, transitively, and the distributions of the third-party modules they import, plus
-    the spec's `libraries` (those used without being imported, e.g. safetensors through transformers)."""
+    """({module: source digest}, {distribution: version}) of the code a stage runs: the first-party modules that
+    its `run` module and its worker import, transitively; the distributions of the third-party modules they
+    import; and the spec's `libraries` (used without an import, e.g. safetensors through transformers)."""
     closure = code_closure([spec.run.__module__, *([spec.worker] if spec.worker else [])])
     dists = {dist for module in closure.third_party for dist in distributions_of(module)} | set(spec.libraries)
     return closure.modules, {dist: library_version(dist) for dist in sorted(dists)}

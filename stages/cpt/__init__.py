@@ -233,7 +233,8 @@ SPEC = StageSpec(
             "cpt.accelerator", "cpt.eval_every", "cpt.eval_chars", "cpt.save_every"),
     # Launch details, checkpoint retention and the preflight plan check (the vocabulary it assumes is the
     # extend-vocab output, fingerprinted as upstream) do not change what cpt produces.
-    unhashed=("cpt.master_port", "cpt.hostfile", "cpt.keep_checkpoints", "plan", "extend_vocab.new_tokens", "extend_vocab.pad_to_multiple_of"),
+    unhashed=("cpt.master_port", "cpt.hostfile", "cpt.keep_checkpoints", "plan",
+              "extend_vocab.new_tokens", "extend_vocab.pad_to_multiple_of"),
     inputs=_inputs,
     outputs=("model/config.json", "metrics.jsonl", "forgetting.jsonl", "summary.json",
              "report.md", "forgetting.png"),
