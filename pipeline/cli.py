@@ -2,20 +2,21 @@
 
     jpadapt run [CONFIG] [key=value ...] [--force]     every enabled stage, skipping what is up to date
     jpadapt STAGE [CONFIG] [key=value ...] [--only] [--force]
-    jpadapt status [CONFIG] [key=value ...]            up to date / stale (why) / never run / incomplete
+    jpadapt status [CONFIG] [key=value ...] [--verify] up to date / stale (why) / never run / incomplete
     jpadapt validate [CONFIG] [key=value ...]          check a YAML without running anything
-    jpadapt report [CONFIG] [key=value ...]            the run report: runs/<name>/report.md and report.html
+    jpadapt report [CONFIG] [key=value ...] [--out D] the run report: runs/<name>/report.md and report.html
 
 After `run` or a stage command that ran something, the run report is rewritten.
 
 Without CONFIG the bundled demo pipeline is used. Exit codes: 0 success, 1 a stage crashed (a bug: see its
-log), 2 bad input or configuration, 130 interrupted.
+log), 2 bad input or configuration, 130 interrupted, 141 output pipe closed (`| head`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from pipeline import __version__
 from pipeline.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from pipeline.errors import JpadaptError
 from pipeline.paths import display_path, resolve_files
-from pipeline.runner import ABSENT, DISABLED, UP_TO_DATE, Pipeline, StageCrashed, available_stages
+from pipeline.runner import ABSENT, DISABLED, UP_TO_DATE, Pipeline, StageCrashed, StageInterrupted, available_stages
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +62,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not committed_stages(root):
         raise JpadaptError(f"{root}: no committed stage to report on yet (run `jpadapt run` first)")
-    for path in write_run_report(root):
+    try:
+        paths = write_run_report(root, args.out)
+    except OSError as exc:  # a read-only run directory (a colleague's results, a read-only mount)
+        where = args.out or root
+        hint = "" if args.out else "; give --out DIR to write it elsewhere"
+        raise JpadaptError(f"{where}: cannot write the run report ({exc.strerror}){hint}") from None
+    for path in paths:
         print(path)
     return 0
 
@@ -87,7 +94,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg, path = _load(args)
-    pipeline = Pipeline(cfg)
+    pipeline = Pipeline(cfg, verify=args.verify)
     print(f"config:  {display_path(path)}")
     print(f"run dir: {pipeline.rundir.root}")
     rows = pipeline.statuses()
@@ -335,6 +342,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 
     status = sub.add_parser("status", help="show each stage: up to date, stale (and why), never run, ...")
     _add_common(status)
+    status.add_argument("--verify", action="store_true",
+                        help="re-hash every input and output file instead of trusting the hash cache")
     commands["status"] = cmd_status
 
     validate = sub.add_parser("validate", help="check a pipeline YAML without running anything")
@@ -343,6 +352,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 
     report = sub.add_parser("report", help="write the run report (report.md, report.html) from the committed stages")
     _add_common(report)
+    report.add_argument("--out", type=Path, metavar="DIR",
+                        help="write report.md and report.html here instead of the run directory (e.g. read-only)")
     commands["report"] = cmd_report
 
     compare = sub.add_parser(
@@ -402,16 +413,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe can still be answered, rather than at exit
+        return code
     except JpadaptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except StageCrashed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: the stage that was running is marked incomplete", file=sys.stderr)
+    except StageInterrupted as exc:
+        print(f"interrupted: stage {exc.stage} is marked incomplete; run the command again to redo it "
+              "(cpt resumes from its last checkpoint)", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print("interrupted: no stage was running; finished stages are kept", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `jpadapt status | head`: the reader has gone. Point stdout at /dev/null so that the flush at exit does
+        # not raise again, and exit as a command killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ nothing else is coerced), and every message names the file, the line and the key
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import types
 from pathlib import Path
@@ -25,11 +26,23 @@ DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
+    # No .inf or .nan anywhere: an infinite learning rate or epoch count validates, then fails hours later.
+    model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class StageSection(Section):
     enabled: bool = Field(True, description="False keeps the settings but skips the stage.")
+
+
+def _floats(value: Any, key: str = "") -> list[tuple[str, float]]:
+    """(dotted key within `value`, value) of every float inside free-form settings such as model.from_config."""
+    if isinstance(value, float):
+        return [(key, value)]
+    if isinstance(value, dict):
+        return [pair for sub, item in value.items() for pair in _floats(item, f"{key}.{sub}".lstrip("."))]
+    if isinstance(value, list):
+        return [pair for index, item in enumerate(value) for pair in _floats(item, f"{key}.{index}".lstrip("."))]
+    return []
 
 
 def _as_list(value: Any) -> Any:
@@ -64,6 +77,14 @@ class ModelConfig(Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = Field(False, description="Run model code shipped inside the folder. Off unless needed.")
+
+    @field_validator("from_config")
+    @classmethod
+    def _finite(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key, number in _floats(value):
+            if not math.isfinite(number):
+                raise ValueError(f"{key} is {number}: only finite numbers can build a model")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

@@ -4,6 +4,7 @@ stage imports, found by following its import statements."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import json
@@ -35,27 +36,36 @@ def sha256_file(path: Path) -> str:
 
 
 class HashCache:
-    """sha256 of files keyed by (size, mtime_ns), persisted as JSON, so multi-GB shards and checkpoints
-    are read once rather than at every `status` or `run`."""
+    """sha256 of files keyed by (size, mtime_ns, inode, ctime_ns), persisted as JSON, so multi-GB shards and
+    checkpoints are read once rather than at every `status` or `run`.
 
-    def __init__(self, path: Path):
+    Size and mtime alone miss a same-size edit whose mtime was put back (`touch -r`, `rsync -t`, a careful
+    attacker); setting the mtime changes the ctime, which no user-level call can set, and a file replaced by
+    another has another inode. `verify=True` ignores the cache and re-hashes every file (`status --verify`).
+    """
+
+    def __init__(self, path: Path, verify: bool = False):
         self.path = path
+        self.verify = verify
         self._entries: dict[str, list] = {}
         self._dirty = False
-        if path.exists():
+        if path.exists() and not verify:
             try:
                 self._entries = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 self._entries = {}  # a damaged cache only costs re-hashing
+            if not isinstance(self._entries, dict):
+                self._entries = {}
 
     def sha256(self, path: Path) -> str:
         stat = path.stat()
         key = str(path.resolve())
+        identity = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
         cached = self._entries.get(key)
-        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
-            return cached[2]
+        if not self.verify and isinstance(cached, list) and len(cached) == 5 and cached[:4] == identity:
+            return cached[4]
         value = sha256_file(path)
-        self._entries[key] = [stat.st_size, stat.st_mtime_ns, value]
+        self._entries[key] = [*identity, value]
         self._dirty = True
         return value
 
@@ -64,12 +74,19 @@ class HashCache:
         return {"sha256": self.sha256(path), "size": path.stat().st_size}
 
     def save(self) -> None:
+        """Best effort: the cache only saves time, and a read-only run directory (a finished run on a read-only
+        mount, a colleague's results) must still answer `status` and `report`."""
         if not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self._entries, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._entries, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return
         self._dirty = False
 
 

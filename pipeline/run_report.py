@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import yaml
 from pipeline import reportkit as kit
 from pipeline.errors import JpadaptError
 from pipeline.reportkit import DASH, Block, Bullets, Heading, Paragraph, Section, SectionContext, Table
+from pipeline.rundir import manifest_problem
 from pipeline.stage import MANIFEST, StageSpec
 
 REPORT_FILES = ("report.md", "report.html")
@@ -42,11 +44,13 @@ ENVIRONMENT_KEYS = (("jpadapt", "jpadapt"), ("python", "python"), ("platform", "
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def write_run_report(run_dir: Path) -> list[Path]:
-    """Write report.md and report.html at the top of `run_dir`; return their paths.
+def write_run_report(run_dir: Path, out: Path | None = None) -> list[Path]:
+    """Write report.md and report.html at the top of `run_dir` (or into `out`); return their paths.
 
     Arguments:
         run_dir: a run directory (`<run.output_dir>/<run.name>`) with at least one committed stage.
+        out: another folder to write into, for a run directory that is read-only (report.md's plot links then
+            point back into the run directory).
 
     Both texts are rendered before anything is written; each file goes to a temporary name and is renamed into
     place, so an error leaves the previous reports (or none) as they were, never a half-written file.
@@ -56,9 +60,13 @@ def write_run_report(run_dir: Path) -> list[Path]:
     if not stages:
         raise JpadaptError(f"{run_dir}: no committed stage to report on (run a stage first, e.g. `jpadapt run`)")
     blocks, images = build_report(run_dir, stages)
+    folder = run_dir if out is None else Path(out)
+    if out is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        images = {key: os.path.relpath(run_dir / rel, folder) for key, rel in images.items()}
     title = f"Run report: {run_dir.name}"
     texts = {"report.md": kit.render_markdown(blocks, images), "report.html": kit.render_html(blocks, title)}
-    return kit.write_texts_atomically(run_dir, texts)
+    return kit.write_texts_atomically(folder, texts)
 
 
 def stage_specs() -> list[StageSpec]:
@@ -76,7 +84,7 @@ def committed_stages(run_dir: Path) -> dict[str, dict[str, Any]]:
             if not stage_dir.is_dir() or stage_dir.name.endswith(".partial"):
                 continue
             manifest = _read_json_or_none(stage_dir / MANIFEST)
-            if isinstance(manifest, dict) and manifest.get("status") == "done":
+            if manifest_problem(manifest) is None:
                 found[stage_dir.name] = manifest
     rank = {spec.name: i for i, spec in enumerate(stage_specs())}
     return dict(sorted(found.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))

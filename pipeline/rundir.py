@@ -50,21 +50,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:  # os.kill(-1, 0) would ask about every process, not one
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class Attempt:
-    """What `attempt.json` says about an unfinished or failed attempt."""
+    """What `attempt.json` says about an unfinished or failed attempt. Whether it is still running is not
+    read from here: a pid outlives its process (the system reuses it), the run directory's lock does not."""
 
     fingerprint: str
     started: str
@@ -73,15 +62,46 @@ class Attempt:
     status: str  # running | failed | crashed | interrupted
     error: str | None = None
 
-    @property
-    def alive(self) -> bool:
-        return self.status == "running" and self.host == socket.gethostname() and pid_alive(self.pid)
+    @classmethod
+    def from_json(cls, data: Any) -> Attempt:
+        """A damaged or foreign attempt.json still means an attempt that did not finish."""
+        try:
+            return cls(**data) if isinstance(data, dict) else cls.unknown()
+        except TypeError:
+            return cls.unknown()
+
+    @classmethod
+    def unknown(cls) -> Attempt:
+        return cls("", "?", -1, "?", "running")
 
     def describe(self) -> str:
         if self.status == "running":
             return f"attempt started {self.started} (pid {self.pid}) ended without finishing"
         detail = f": {self.error}" if self.error else ""
         return f"attempt started {self.started} {self.status}{detail}"
+
+
+# What the runner, `status` and the reports read from a manifest; one missing or of the wrong type, and the stage
+# is not committed (it runs again) rather than a KeyError in every command that looks at it.
+_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "fingerprint": str, "finished": str, "duration_s": (int, float), "config": dict, "inputs": dict,
+    "upstream": dict, "outputs": dict, "summary": dict, "environment": dict, "state": dict,
+}
+
+
+def manifest_problem(data: Any) -> str | None:
+    """Why `data` is not the manifest of a committed stage, or None when it is."""
+    if not isinstance(data, dict):
+        return "is not a JSON object"
+    if data.get("status") != "done":
+        return f"has status {data.get('status')!r}, not 'done'"
+    missing = [key for key, kind in _MANIFEST_FIELDS.items() if not isinstance(data.get(key), kind)]
+    if missing:
+        return f"lacks {', '.join(missing)} (or has the wrong type)"
+    for rel, entry in data["outputs"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)):
+            return f"has no sha256 and size for output {rel}"
+    return None
 
 
 class RunDir:
@@ -100,14 +120,46 @@ class RunDir:
         return self.stages / f"{stage}.partial"
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
+        """The committed manifest, or None when the stage has none or its manifest is damaged."""
         manifest = read_json(self.stage_dir(stage) / MANIFEST)
-        return manifest if manifest and manifest.get("status") == "done" else None
+        return manifest if manifest_problem(manifest) is None else None
+
+    def manifest_damage(self, stage: str) -> str | None:
+        """What is wrong with a stage folder's manifest.json, when the folder has one that is not valid."""
+        path = self.stage_dir(stage) / MANIFEST
+        if not path.exists():
+            return None
+        problem = manifest_problem(read_json(path))
+        if problem is None:
+            return None
+        return f"{path} {problem}: the stage counts as not finished and runs again"
 
     def attempt(self, stage: str) -> Attempt | None:
         data = read_json(self.partial_dir(stage) / ATTEMPT)
         if data is None:
-            return None if not self.partial_dir(stage).exists() else Attempt("", "?", -1, "?", "running")
-        return Attempt(**data)
+            return None if not self.partial_dir(stage).exists() else Attempt.unknown()
+        return Attempt.from_json(data)
+
+    def attempt_running(self, attempt: Attempt | None) -> bool:
+        """An attempt is running while some other command holds this run directory's lock: every command that
+        runs stages holds it until it exits, and the system releases it when that process dies, however it dies.
+        (A pid check would be fooled by the pid's next owner.)"""
+        return attempt is not None and attempt.status == "running" and self.locked_elsewhere()
+
+    def locked_elsewhere(self) -> bool:
+        if self._lock_handle is not None:
+            return False
+        try:
+            handle = (self.root / ".lock").open("rb")  # read-only: this must work on a read-only run directory
+        except OSError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
 
     # ------------------------------------------------------------------ locking
 

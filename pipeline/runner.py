@@ -40,6 +40,15 @@ class StageCrashed(Exception):
     """A stage raised something other than JpadaptError: a bug, reported with a pointer to its log."""
 
 
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while a stage ran: its attempt is recorded as interrupted (the CLI names the stage; an
+    interrupt between stages or while the report is written leaves nothing incomplete)."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+
 @dataclass
 class StageStatus:
     name: str
@@ -57,11 +66,13 @@ def available_stages() -> list[StageSpec]:
 class Pipeline:
     """One pipeline YAML bound to its run directory."""
 
-    def __init__(self, cfg: PipelineConfig, specs: list[StageSpec] | None = None, out: TextIO | None = None):
+    def __init__(self, cfg: PipelineConfig, specs: list[StageSpec] | None = None, out: TextIO | None = None,
+                 verify: bool = False):
+        """`verify`: re-hash every file instead of trusting the hash cache."""
         self.cfg = cfg
         self.specs = {spec.name: spec for spec in _ordered(specs if specs is not None else available_stages())}
         self.rundir = RunDir(Path(cfg.run.output_dir) / cfg.run.name)
-        self.cache = HashCache(self.rundir.root / ".cache" / "hashes.json")
+        self.cache = HashCache(self.rundir.root / ".cache" / "hashes.json", verify=verify)
         self.out = out if out is not None else sys.stdout  # looked up now: callers may redirect stdout
         self._check_requirements()
 
@@ -106,9 +117,10 @@ class Pipeline:
         if not self.cfg.enabled(name):
             return StageStatus(name, DISABLED)
         attempt = self.rundir.attempt(name)
-        if attempt is not None and attempt.alive:
+        if self.rundir.attempt_running(attempt):
             return StageStatus(name, RUNNING, [f"pid {attempt.pid} since {attempt.started}"])
         manifest = self.rundir.manifest(name)
+        damage = self.rundir.manifest_damage(name) if manifest is None else None
         upstream = {}
         for required in self.reads(name):
             upstream_manifest = self.rundir.manifest(required)
@@ -122,6 +134,8 @@ class Pipeline:
             return StageStatus(name, ERROR, [str(exc)])
         if attempt is not None:
             return StageStatus(name, INCOMPLETE, [attempt.describe()], current)
+        if damage is not None:
+            return StageStatus(name, INCOMPLETE, [damage], current)
         if manifest is None:
             return StageStatus(name, NEVER_RUN, [], current)
         reasons = []
@@ -228,7 +242,10 @@ class Pipeline:
             _LOG_ONLY.error("%s", exc)
             self.rundir.fail(name, "failed", str(exc))
             raise JpadaptError(f"{name}: {exc}") from None
-        except (KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:
+            self.rundir.fail(name, "interrupted", None)
+            raise StageInterrupted(name) from None
+        except SystemExit:
             self.rundir.fail(name, "interrupted", None)
             raise
         except Exception as exc:

@@ -103,6 +103,24 @@ def _evaluate_setup(cfg: PipelineConfig) -> tuple[Setup, int | None, int]:
 
 _SETUPS = {"cpt": _cpt_setup, "sft": _sft_setup, "evaluate": _evaluate_setup}
 
+# The keys each setup above reads: the plan stage fingerprints exactly these (its ConfigView refuses a read of any
+# other), so a port, a checkpoint interval or a learning rate does not make the plan stale.
+SETUP_KEYS: dict[str, tuple[str, ...]] = {
+    "cpt": ("num_gpus", "num_nodes", "micro_batch_size", "seq_len", "zero_stage", "precision", "gradient_checkpointing",
+            "offload_optimizer", "offload_params", "train_tokens", "max_steps", "grad_accum"),
+    "sft": ("target_modules", "quantization", "micro_batch_size", "max_seq_len", "num_gpus", "num_nodes", "zero_stage",
+            "precision", "optimizer", "lora_r", "gradient_checkpointing", "max_steps", "grad_accum"),
+    "evaluate": ("batch_size", "window"),
+}
+# model_shape: the extended vocabulary's size.
+VOCAB_KEYS = ("extend_vocab.enabled", "extend_vocab.new_tokens", "extend_vocab.pad_to_multiple_of")
+
+
+def planned_keys() -> tuple[str, ...]:
+    """Every config key the plan stage reads, dotted."""
+    setups = [f"{stage}.{key}" for stage, keys in SETUP_KEYS.items() for key in ("enabled", *keys)]
+    return ("model", "plan", *VOCAB_KEYS, *setups)
+
 
 def plan_stage(stage: str, shape: ModelShape, setup: Setup, tokens: int | None, nodes: int, target: GPU,
                mfu: float, price: float) -> StagePlan:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
+from pipeline.planner.plan import planned_keys
 from pipeline.stage import StageContext, StageSpec, lazy
 
 
@@ -37,8 +38,7 @@ SPEC = StageSpec(
     name="plan",
     run=run,
     description="per-GPU memory, FLOPs, time and cost of cpt, sft and evaluate: will it fit?",
-    params=("model", "plan", "cpt", "cpt.enabled", "sft", "sft.enabled", "evaluate", "evaluate.enabled",
-            "extend_vocab", "extend_vocab.enabled"),
+    params=planned_keys(),
     inputs=_inputs,
     outputs=("plan.json", "plan.md"),
     report_section=lazy("stages.plan.report:report_section"),
