@@ -48,7 +48,7 @@ _StrictSafeLoader.add_constructor("tag:yaml.org,2002:map", _StrictSafeLoader.con
 
 # A pipeline YAML holds a few hundred values; these bounds are far above any real one and far below what would
 # exhaust memory. Values are counted as expanded: an alias counts as everything it stands for.
-MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 256 << 10
 MAX_VALUES = 50_000
 MAX_DEPTH = 32
 MAX_SCALAR_CHARS = 65_536
@@ -56,8 +56,9 @@ MAX_SCALAR_CHARS = 65_536
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text; a syntax error or a document over the bounds becomes a JpadaptError naming `source:line`."""
-    loader = _StrictSafeLoader(text)
+    loader = None
     try:
+        loader = _StrictSafeLoader(text)  # its reader already refuses control characters
         root = loader.get_single_node()
         if root is None:
             return None
@@ -73,7 +74,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except ValueError as exc:  # e.g. an integer with more digits than Python converts
         raise JpadaptError(f"{source}: invalid YAML value: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_size(root: yaml.Node, source: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import JpadaptError
-from pipeline.yamlio import MAX_VALUES, parse_yaml
+from pipeline.yamlio import MAX_CONFIG_BYTES, MAX_VALUES, parse_yaml
 from tests.helpers.cli import REPO, assert_one_line_error, run_cli, state_of
 
 GOOD = [
@@ -97,9 +97,9 @@ def test_yaml_over_the_bounds_is_one_error(text: str, fragment: str) -> None:
         parse_yaml(text, "f.yaml")
 
 
-def test_a_config_file_over_a_mebibyte_is_refused_before_it_is_read(tmp_path: Path) -> None:
+def test_a_config_file_over_the_size_bound_is_refused_before_it_is_read(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
-    path.write_text(HEADER + "# " + "x" * (1 << 20) + "\n", encoding="utf-8")
+    path.write_text(HEADER + "# " + "x" * MAX_CONFIG_BYTES + "\n", encoding="utf-8")
     assert_one_line_error(run_cli("validate", str(path), cwd=tmp_path), "big.yaml", "bytes")
 
 
