@@ -196,6 +196,18 @@ def test_view_refuses_undeclared_keys_and_names_them() -> None:
         view.cpt = None
 
 
+def test_a_declared_section_absent_from_the_yaml_reads_as_none() -> None:
+    """evaluate declares sft.precision and sft.template and asks `cfg.sft is not None`; extend-vocab declares two
+    tokenizer_report keys and takes `cfg.tokenizer_report or` the defaults. With the section absent from the YAML,
+    both stages crashed with UndeclaredConfigRead (evaluate after scoring the first model)."""
+    cfg = load_config(None, ["sft=null", "tokenizer_report=null"])
+    specs = {spec.name: spec for spec in stage_specs()}
+    assert ConfigView.of(cfg, specs["evaluate"]).sft is None
+    assert ConfigView.of(cfg, specs["extend-vocab"]).tokenizer_report is None
+    with pytest.raises(UndeclaredConfigRead, match="'sft'"):
+        _ = ConfigView.of(cfg, _spec(("cpt.lr",))).sft  # a section the stage declares nothing of stays an error
+
+
 def test_view_gives_a_section_whose_every_key_is_declared_whole() -> None:
     cfg = load_config(None, [])
     params = tuple(f"cpt.{key}" for key in type(cfg.cpt).model_fields if key != "master_port")
