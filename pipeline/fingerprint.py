@@ -160,8 +160,13 @@ class ConfigView:
         value = getattr(target, name)
         if self._covers(path, value):
             return value
-        if isinstance(value, BaseModel) and any(key.startswith(path + ".") for key in self._keys):
+        declared_below = any(key.startswith(path + ".") for key in self._keys)
+        if isinstance(value, BaseModel) and declared_below:
             return ConfigView(value, path, self._spec, self._graph)
+        if value is None and declared_below:
+            # A section the stage reads keys of, absent from the YAML (evaluate's `cfg.sft is not None`): there is
+            # nothing to read, and the absence is fingerprinted (config_value gives None for its keys).
+            return None
         raise UndeclaredConfigRead(
             f"stage {self._spec.name} reads config key {path!r}, which its SPEC does not declare: add it to "
             "params (it shapes the outputs) or unhashed (it does not)"

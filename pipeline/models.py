@@ -1,6 +1,7 @@
 """The model a config names: its files, its config values, and loading, building and saving it the way every
 stage does (extend-vocab, plan, cpt, sft, evaluate).
 
+    check_model_folder(path, "sft.base_model")     # a folder loading would refuse fails here, before any work
     files = model_inputs(cfg.model)                # {config key: files} the stage's fingerprint hashes
     n_rows = model_vocab_size(cfg.model)           # embedding rows, from config.json only (no weights read)
     model = load_causal_lm(cfg.model, seed=1234)   # a local HF folder, or random weights from model.from_config
@@ -10,6 +11,10 @@ Nothing here downloads. A `model.path` that is not an existing folder is an erro
 it for a Hub id. Weights are read from safetensors only: `pytorch_model.bin` files are pickles, which can run code
 when loaded. All problems a user can fix (a missing folder or config.json, an unknown `model_type`, no
 safetensors weights, bad `from_config` values) are `JpadaptError`s naming the file or key.
+
+`check_model_folder` finds the folder problems (everything but the model type) from the file system alone, in
+milliseconds: `model_inputs` runs it, so the runner refuses a bad model.path before the first stage of a command
+starts, and each stage runs it on every folder it will load before it launches or scores anything.
 
 torch and transformers are imported inside the functions that need them: `pipeline/` stays torch-free at import,
 so the CLI and fingerprints can name a model's files without loading a deep-learning library.
@@ -29,7 +34,10 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedConfig, PreTrainedModel
 
-SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+SAFETENSORS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded model: {"weight_map": {tensor name: shard file}}
+# Weights files other than safetensors that loaders unpickle (transformers' pytorch_model*.bin, torch.save files).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -75,10 +83,13 @@ def model_inputs(model_cfg: ModelConfig, *, config_only: bool = False) -> dict[s
     """{config key: files} of the model section: `model.path`'s folder and `model.tokenizer` (bundled or a
     path). The one place that says which files a model is made of: every stage that reads the model declares
     these as inputs, so replacing the weights in the same folder makes it stale. `config_only`: config.json
-    alone (the planner reads nothing else)."""
+    alone (the planner reads nothing else). The folder is checked first (`check_model_folder`): the runner
+    resolves every planned stage's inputs before it runs any, so a folder loading would refuse stops the command
+    before its first stage."""
     files: dict[str, list[Path]] = {}
     if model_cfg.path is not None:
         found = model_folder_files(model_cfg.path, "model.path")
+        check_model_folder(model_cfg.path, "model.path", config_only=config_only)
         files["model.path"] = [p for p in found if p.name == "config.json"] if config_only else found
     if not config_only and model_cfg.tokenizer is not None:
         files["model.tokenizer"] = tokenizer_files(model_cfg.tokenizer, "model.tokenizer")
@@ -225,12 +236,29 @@ def _check_causal_lm(config: PreTrainedConfig, where: str, trust_remote_code: bo
 # Folder checks
 
 
-def _model_folder(path: str) -> Path:
+def check_model_folder(path: str | Path, key: str, *, config_only: bool = False) -> Path:
+    """Refuse, before any work, a model folder that loading would refuse: it must exist, hold a readable
+    config.json and (unless `config_only`) safetensors weights: model.safetensors, or the shards that
+    model.safetensors.index.json names, every one present and a real safetensors file (not a Git LFS pointer).
+    pytorch_model.bin alone is refused: it is a pickle, and unpickling can run code. `key` names the config
+    entry in the one-line error. Reads config.json and 9 bytes of each weights file; no torch. Returns the folder,
+    resolved. The model type is checked at load time (knowing the types needs transformers, seconds to import)."""
+    folder = _model_folder(str(path), key)
+    try:
+        _read_config_json(folder)
+        if not config_only:
+            _check_safetensors(folder)
+    except JpadaptError as exc:
+        raise JpadaptError(f"{key}: {exc}") from None
+    return folder
+
+
+def _model_folder(path: str, key: str = "model.path") -> Path:
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise JpadaptError(f"model.path: {path} does not exist (models are never downloaded; give a local folder)")
+        raise JpadaptError(f"{key}: {path} does not exist (models are never downloaded; give a local folder)")
     if not folder.is_dir():
-        raise JpadaptError(f"model.path: {path} is not a folder (expected a Hugging Face model folder)")
+        raise JpadaptError(f"{key}: {path} is not a folder (expected a Hugging Face model folder)")
     return folder.resolve()
 
 
@@ -248,15 +276,60 @@ def _read_config_json(folder: Path) -> dict[str, Any]:
 
 
 def _check_safetensors(folder: Path) -> None:
-    if any((folder / name).is_file() for name in SAFETENSORS_FILES) or any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in folder.glob("*.bin"))
-    hint = (
-        f" (found {', '.join(pickles[:3])}: pickle weights are not loaded; convert them to safetensors)"
-        if pickles
-        else ""
-    )
-    raise JpadaptError(f"{folder}: no safetensors weights (model.safetensors or *.safetensors){hint}")
+    """The weights transformers loads with use_safetensors=True: model.safetensors, or the shards the index
+    names. Each must be a safetensors file: 8 bytes of header length, then a JSON header ('{')."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        shards = _index_shards(index)
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise JpadaptError(f"{folder}: {len(missing)} of the {len(shards)} weight shards that {INDEX_FILE} "
+                               f"names are missing: {shown}")
+        files = [folder / name for name in shards]
+    elif (folder / SAFETENSORS_FILE).is_file():
+        files = [folder / SAFETENSORS_FILE]
+    else:
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if others:
+            why = f"found {', '.join(others[:3])}, but without {INDEX_FILE} to say which weights they hold"
+        elif pickles:
+            why = (f"only {', '.join(pickles[:3])}: pickle weights, which jpadapt refuses to load (unpickling can "
+                   "run code); convert them to safetensors where you trust the file (from_pretrained, then "
+                   "save_pretrained)")
+        else:
+            why = "no weights files at all"
+        raise JpadaptError(f"{folder}: no safetensors weights ({SAFETENSORS_FILE} or {INDEX_FILE}); {why}")
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise JpadaptError(f"{file}: {problem}")
+
+
+def _index_shards(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise JpadaptError(f"{index}: cannot read it as a JSON object ({exc})") from exc
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise JpadaptError(f"{index}: no weight_map of tensor names to shard files")
+    return sorted(set(weight_map.values()))
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why `file` is not a safetensors file, from its first 9 bytes and its size; None when it may be one."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(9)
+    if head.startswith(b"version h"):  # "version https://git-lfs.github.com/spec/v1"
+        return "a Git LFS pointer, not the weights (fetch them: git lfs pull)"
+    if len(head) < 9:
+        return f"not a safetensors file ({size} bytes)"
+    header = int.from_bytes(head[:8], "little")
+    if head[8:9] != b"{" or 8 + header > size:
+        return "not a safetensors file (no JSON header after the 8-byte length; truncated or another format)"
+    return None
 
 
 def _unknown_type(model_type: str) -> str:

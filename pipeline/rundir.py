@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import JpadaptError
-from pipeline.stage import ATTEMPT, MANIFEST
+from pipeline.stage import ATTEMPT, MANIFEST, PARTIAL_SUFFIX
 
 
 def now_iso() -> str:
@@ -117,7 +117,7 @@ class RunDir:
         return self.stages / stage
 
     def partial_dir(self, stage: str) -> Path:
-        return self.stages / f"{stage}.partial"
+        return self.stages / f"{stage}{PARTIAL_SUFFIX}"
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
         """The committed manifest, or None when the stage has none or its manifest is damaged."""

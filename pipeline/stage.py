@@ -20,11 +20,15 @@ from pipeline.errors import JpadaptError
 if TYPE_CHECKING:
     from pipeline.reportkit import Section, SectionContext
 
-# Bookkeeping files in a stage directory that are not outputs (they hold times, pids, logs).
+# Bookkeeping files in a stage directory that are not outputs (they hold times, pids, logs, and the attempt's
+# own paths): they are left out of the manifest's outputs, so nothing downstream hashes them.
 MANIFEST = "manifest.json"
 ATTEMPT = "attempt.json"
 LOG = "log.txt"
-BOOKKEEPING = frozenset({MANIFEST, ATTEMPT, LOG})
+JOB = "job.json"  # what a training stage told its workers: the launching pid, paths inside `<stage>.partial/`
+BOOKKEEPING = frozenset({MANIFEST, ATTEMPT, LOG, JOB})
+# The folder a stage writes into while it runs; the runner renames it to `<stage>` when the stage succeeds.
+PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,25 @@ class StageContext:
     resuming: bool = False
     forced: bool = False  # `--force`: rerun even if up to date, and launch even if the plan says it will not fit
     prerequisites: dict[str, Path] = field(default_factory=dict)
+
+    def run_relative(self, path: Path) -> str:
+        """How an output names a folder of this run (`stages/cpt/model`): relative to the run directory, with the
+        stage's own work folder `<stage>.partial/` named as the folder it is committed to. The name stays true
+        after the commit and is the same in every run directory, so that runs in runs/a and runs/b write the
+        same bytes (and every fingerprint downstream, which hashes those bytes, agrees). `resolve` reads it back."""
+        try:
+            parts = list(Path(path).resolve().relative_to(self.run_dir.resolve()).parts)
+        except ValueError:
+            raise ValueError(f"{path} is not inside the run directory {self.run_dir}") from None
+        if len(parts) >= 2 and parts[0] == "stages" and parts[1].endswith(PARTIAL_SUFFIX):
+            parts[1] = parts[1].removesuffix(PARTIAL_SUFFIX)
+        return "/".join(parts)
+
+    def resolve(self, name: str | Path) -> Path:
+        """A folder named in an output: a `run_relative` name is found in this run directory; an absolute path
+        (a folder outside the run, e.g. model.path) is itself."""
+        path = Path(name).expanduser()
+        return path if path.is_absolute() else self.run_dir / path
 
     def artifact(self, stage: str) -> Path:
         """The committed output directory of a prerequisite (declared in `requires` or `uses`)."""

@@ -25,7 +25,7 @@ from pipeline.launch import free_port
 from pipeline.models import load_causal_lm, save_model_folder
 from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, run_cli, state_of
 from tests.helpers.jsonl import read_jsonl, read_texts
-from tests.helpers.tiny import byte_bpe_tokenizer
+from tests.helpers.tiny import byte_bpe_tokenizer, pickle_only_copy
 
 SEQ_LEN = 32
 STEPS = 12
@@ -283,6 +283,23 @@ def test_a_plan_that_does_not_fit_is_refused_unless_forced(bad_input):
     result = jpadapt("cpt", str(bad_input), big, "plan.gpu=RTX4090-24GB", cwd=bad_input.parent)
     assert_one_line_error(result, "cpt needs ~", "--force")
     assert "launching" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["cpt", "run"])
+def test_pickle_only_model_folder_is_refused_before_the_first_stage(workspace, tmp_path, command):
+    """model.path with config.json + pytorch_model.bin only: refused with one line naming the folder, before
+    prepare runs (the runner checks every planned stage's model folders first). It used to be refused by the
+    launched worker, after prepare and ~15 s of imports."""
+    folder = pickle_only_copy(workspace / "model", tmp_path / "pickled")
+    config = write_config(workspace, tmp_path / "out", model_path=folder)
+    started = time.monotonic()
+    result = run_cli(command, str(config), cwd=config.parent)
+    seconds = time.monotonic() - started
+    assert_one_line_error(result, "model.path", str(folder.resolve()), "only pytorch_model.bin",
+                          "refuses to load", "safetensors")
+    assert "launching" not in result.stdout
+    assert not (tmp_path / "out" / "t" / "stages").exists()  # no stage started: no prepare, no job.json, no worker
+    assert seconds < 10, seconds  # in-process, nothing imported: ~0.1 s
 
 
 def test_english_replay_needs_english_train_shards(bad_input, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from pipeline.launch import free_port
 from pipeline.models import load_causal_lm, save_model_folder
 from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
 from tests.helpers.jsonl import read_jsonl
-from tests.helpers.tiny import byte_bpe_tokenizer
+from tests.helpers.tiny import byte_bpe_tokenizer, pickle_only_copy
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -113,7 +114,9 @@ def test_every_model_of_the_run_side_by_side(run):
     assert [m["name"] for m in results["models"]] == ["base", "cpt", "sft", "model"]
     assert [m["kind"] for m in results["models"]] == ["base", "cpt", "sft", "extra"]
     sft = results["models"][2]
-    assert sft["quantization"] == "nf4" and sft["adapter"].endswith("stages/sft/adapter")
+    assert sft["quantization"] == "nf4" and sft["adapter"] == "stages/sft/adapter"
+    # The run's folders are named relative to the run directory; the others as given.
+    assert [m["source"] for m in results["models"][1:3]] == ["stages/cpt/model", "stages/cpt/model"]
     assert set(results["lm"]) == set(results["jglue"]["results"]) == {"base", "cpt", "sft", "model"}
     # The extra folder is the base folder: every figure must agree exactly.
     assert results["lm"]["model"] == results["lm"]["base"]
@@ -215,7 +218,9 @@ def test_sft_choice_loglik_matches_base_plus_adapter_loaded_by_hand(run):
     from pipeline.models import load_frozen_base
 
     adapter = stage(run, "sft") / "adapter"
-    base_folder = json.loads((adapter / "jpadapt.json").read_text(encoding="utf-8"))["base_model"]
+    base_name = json.loads((adapter / "jpadapt.json").read_text(encoding="utf-8"))["base_model"]
+    assert base_name == "stages/cpt/model"  # relative to the run directory: the same in every run directory
+    base_folder = str(run / "t" / base_name)
     model = PeftModel.from_pretrained(load_frozen_base(base_folder, "nf4", "float32", "cpu", False), str(adapter))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
@@ -279,6 +284,19 @@ def test_missing_extra_model_folder_is_named(quick):
     result = run_cli("evaluate", str(quick), "evaluate.extra_models=[nowhere/model]", cwd=quick.parent)
     assert_one_line_error(result, "evaluate.extra_models[0]", "nowhere/model")
     assert not (quick.parent / "t" / "stages" / "evaluate").exists()
+
+
+def test_pickle_only_extra_model_is_refused_before_the_base_is_scored(quick, workspace, tmp_path):
+    """An extra folder with config.json + pytorch_model.bin only: one line naming it, before any stage runs. It
+    used to pass the config.json check and be refused at loading, after prepare ran and the base was scored."""
+    folder = pickle_only_copy(workspace / "model", tmp_path / "pickled")
+    started = time.monotonic()
+    result = run_cli("evaluate", str(quick), f"evaluate.extra_models=[{folder}]", cwd=quick.parent)
+    seconds = time.monotonic() - started
+    assert_one_line_error(result, "evaluate.extra_models[0]", str(folder.resolve()), "only pytorch_model.bin",
+                          "safetensors")
+    assert not (quick.parent / "t" / "stages").exists()  # not even prepare: nothing was scored
+    assert seconds < 10, seconds  # in-process: ~0.1 s
 
 
 def test_bad_prompt_line_is_named(quick, tmp_path):

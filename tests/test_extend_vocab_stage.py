@@ -136,6 +136,47 @@ def test_a_forced_rerun_gives_byte_identical_outputs(demo: Path) -> None:
     assert "model/model.safetensors" in after and "tokenizer/tokenizer.model" in after
 
 
+def test_two_run_directories_write_the_same_bytes_and_name_no_attempt_folder(tmp_path: Path) -> None:
+    """runs/a and runs/b, same settings: extend-vocab's and tokenizer-report's outputs are byte-identical, so the
+    fingerprints downstream agree. The comparison named the extended tokenizer by the folder it was written in,
+    `runs/a/stages/extend-vocab.partial/tokenizer` (gone after the commit, and different per run directory), and
+    the base by the cache file it resolved to; tokenizer-report named it `runs/a/stages/extend-vocab/tokenizer`."""
+    from pipeline.config import load_config
+    from pipeline.fingerprint import outputs_digest
+    from pipeline.runner import Pipeline
+
+    small = ["extend_vocab.new_tokens=200", "extend_vocab.max_training_chars=200000", "prepare.dedup.near=false",
+             "tokenizer_report.tokenizers={llama2: llama2}", "tokenizer_report.max_documents=20",
+             "cpt.enabled=false", "sft.enabled=false", "evaluate.enabled=false"]
+    for name in ("a", "b"):
+        result = run_cli("tokenizer-report", f"run.name={name}", *small, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    runs = tmp_path / "runs"
+    comparison = read_json(runs / "a" / "stages/extend-vocab/comparison/metrics.json")
+    sources = {name: info["source"] for name, info in comparison["tokenizer_info"].items()}
+    assert sources == {"base": "bundled:llama2", "extended": "stages/extend-vocab/tokenizer"}
+    assert (runs / "a" / sources["extended"] / "tokenizer.json").is_file()  # true after the commit
+    report = read_json(runs / "a" / "stages/tokenizer-report/metrics.json")
+    assert report["tokenizer_info"]["extended"]["source"] == "stages/extend-vocab/tokenizer"
+    for stage in ("extend-vocab", "tokenizer-report"):
+        outputs = {name: read_json(runs / name / "stages" / stage / "manifest.json")["outputs"] for name in "ab"}
+        assert {k: v["sha256"] for k, v in outputs["a"].items()} == {k: v["sha256"] for k, v in outputs["b"].items()}
+        for rel in outputs["a"]:
+            if rel.endswith((".json", ".csv", ".md", ".html")):
+                text = (runs / "a" / "stages" / stage / rel).read_text(encoding="utf-8")
+                assert ".partial/" not in text and "runs/a" not in text and str(tmp_path) not in text, rel
+    # What the stages downstream hash: extend-vocab's outputs digest, and tokenizer-report's whole fingerprint.
+    digests = {name: outputs_digest(read_json(runs / name / "stages/extend-vocab/manifest.json")) for name in "ab"}
+    assert digests["a"] == digests["b"]
+    with_cpt = [override for override in small if override != "cpt.enabled=false"]
+    states = {name: Pipeline(load_config(None, [f"run.name={name}", f"run.output_dir={runs}", *with_cpt]))
+              .status("cpt").current for name in "ab"}
+    assert states["a"] == states["b"] and states["a"]["upstream"]["extend-vocab"] == digests["a"]
+    fingerprints = {name: read_json(runs / name / "stages/tokenizer-report/manifest.json")["fingerprint"]
+                    for name in "ab"}
+    assert fingerprints["a"] == fingerprints["b"]
+
+
 def test_byte_level_base_grows_qwen_rows(tmp_path: Path) -> None:
     """Qwen: new ids start after the added tokens (151,669) inside the model's spare rows (151,936)."""
     result = run_cli(

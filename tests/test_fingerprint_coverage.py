@@ -19,17 +19,25 @@ from stages import stage_specs
 from tests.helpers.fake_stages import CALLS, SPECS
 
 
+def _safetensors(tag: str) -> bytes:
+    """A safetensors file with no tensors: the 8-byte header length, then the JSON header."""
+    header = json.dumps({"__metadata__": {"tag": tag}}).encode()
+    return len(header).to_bytes(8, "little") + header
+
+
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
 def _model_folder(root: Path, name: str) -> Path:
-    """A model folder's file set (contents do not matter: fingerprints hash bytes, nothing is loaded)."""
+    """A model folder's file set. Nothing is loaded (fingerprints hash bytes), but the files pass the folder check
+    every stage runs before it starts: config.json, and safetensors shards the index names."""
     folder = root / name
     (folder / "sub").mkdir(parents=True)
     files = {
         "config.json": json.dumps({"model_type": "llama", "vocab_size": 32000, "hidden_size": 64,
                                    "num_hidden_layers": 1, "num_attention_heads": 2,
                                    "intermediate_size": 128, "max_position_embeddings": 256}),
-        "model-00001-of-00002.safetensors": "weights 1",
-        "model-00002-of-00002.safetensors": "weights 2",
-        "model.safetensors.index.json": "{}",
+        "model.safetensors.index.json": json.dumps({"weight_map": {"a": SHARDS[0], "b": SHARDS[1]}}),
         "generation_config.json": "{}",
         "tokenizer.json": "{}",
         "tokenizer_config.json": "{}",
@@ -38,6 +46,8 @@ def _model_folder(root: Path, name: str) -> Path:
     }
     for rel, text in files.items():
         (folder / rel).write_text(text, encoding="utf-8")
+    for i, shard in enumerate(SHARDS):
+        (folder / shard).write_bytes(_safetensors(f"weights {i + 1}"))
     return folder
 
 
@@ -113,7 +123,7 @@ def test_every_file_a_declared_key_names_is_fingerprinted(spec: StageSpec, rich_
         assert not missing, f"{spec.name}: {key} names {path}, but {missing} is not fingerprinted"
         for file in expected:
             original = file.read_bytes()
-            file.write_bytes(original + b" edited")
+            file.write_bytes(original + b" \n")  # still valid JSON and safetensors: the folder check passes
             assert _state(spec, rich_config, cache)["inputs"] != before["inputs"], f"{spec.name}: {file}"
             file.write_bytes(original)
             os.utime(file, ns=(1, 1))  # new mtime: the hash cache re-reads it
@@ -125,7 +135,7 @@ def test_cpt_is_stale_when_the_weights_in_model_path_are_replaced(rich_config: P
     cpt = next(spec for spec in stage_specs() if spec.name == "cpt")
     cache = HashCache(tmp_path / "hashes.json")
     before = _state(cpt, rich_config, cache)
-    (tmp_path / "base" / "model-00001-of-00002.safetensors").write_text("new weights", encoding="utf-8")
+    (tmp_path / "base" / SHARDS[0]).write_bytes(_safetensors("new weights"))
     assert _state(cpt, rich_config, cache)["inputs"]["model.path"] != before["inputs"]["model.path"]
 
 
@@ -184,6 +194,18 @@ def test_view_refuses_undeclared_keys_and_names_them() -> None:
         view.cpt.model_dump()
     with pytest.raises(AttributeError, match="read-only"):
         view.cpt = None
+
+
+def test_a_declared_section_absent_from_the_yaml_reads_as_none() -> None:
+    """evaluate declares sft.precision and sft.template and asks `cfg.sft is not None`; extend-vocab declares two
+    tokenizer_report keys and takes `cfg.tokenizer_report or` the defaults. With the section absent from the YAML,
+    both stages crashed with UndeclaredConfigRead (evaluate after scoring the first model)."""
+    cfg = load_config(None, ["sft=null", "tokenizer_report=null"])
+    specs = {spec.name: spec for spec in stage_specs()}
+    assert ConfigView.of(cfg, specs["evaluate"]).sft is None
+    assert ConfigView.of(cfg, specs["extend-vocab"]).tokenizer_report is None
+    with pytest.raises(UndeclaredConfigRead, match="'sft'"):
+        _ = ConfigView.of(cfg, _spec(("cpt.lr",))).sft  # a section the stage declares nothing of stays an error
 
 
 def test_view_gives_a_section_whose_every_key_is_declared_whole() -> None:

@@ -107,7 +107,7 @@ def test_job_file_round_trips_and_a_bad_field_is_named(tmp_path):
 
     stage = SimpleNamespace(out_dir=tmp_path, run_dir=tmp_path.parent, seed=7)
     job = CptJob(context=job_context(stage, "cpu", 3), model=ModelConfig(from_config={"model_type": "llama"}),
-                 extended_from=None, tokenizer_dir=tmp_path / "tokenizer",
+                 extended_from=None, extended_from_name=None, tokenizer_dir=tmp_path / "tokenizer",
                  tokens={"ja": TokenFiles(prefix=tmp_path / "ja", n_tokens=10, n_docs=2)},
                  heldout={"ja": [tmp_path / "ja_heldout.jsonl"]}, cpt=CptConfig(max_steps=3))
     job_file = tmp_path / "job.json"

@@ -19,7 +19,7 @@ from pipeline.launch import free_port
 from pipeline.models import load_causal_lm, save_model_folder
 from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
 from tests.helpers.jsonl import read_jsonl
-from tests.helpers.tiny import byte_bpe_tokenizer
+from tests.helpers.tiny import byte_bpe_tokenizer, pickle_only_copy
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -353,6 +353,43 @@ def test_already_quantized_model_fails(workspace, tmp_path):
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (folder / "config.json").write_text(json.dumps(config))
     _fails(workspace, tmp_path, "already quantized", "gptq", base_model=str(folder))
+
+
+def test_pickle_only_base_model_is_refused_before_anything_runs(workspace, tmp_path):
+    """sft.base_model with config.json + pytorch_model.bin only: one line naming it, from the runner's input check
+    (no stage folder, no job.json); it used to be refused by the launched worker."""
+    folder = pickle_only_copy(workspace / "model", tmp_path / "pickled")
+    _fails(workspace, tmp_path, "sft.base_model", str(folder.resolve()), "only pytorch_model.bin", "safetensors",
+           base_model=str(folder))
+    assert not (tmp_path / "out" / "t" / "stages").exists()
+
+
+def test_a_base_built_from_config_is_named_where_it_is_after_the_commit(tmp_path):
+    """With model.from_config and no cpt output, sft saves the base into its own folder. The adapter used to name
+    it by the attempt folder (`stages/sft.partial/base_model`), gone once the stage commits, so evaluate could not
+    load the adapter's base. It is named relative to the run directory, and evaluate finds it there."""
+    import logging
+
+    from pipeline.config import load_config
+    from pipeline.stage import StageContext
+    from stages.evaluate import _sft_entry
+    from stages.sft import _base_model
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "cpt.enabled=false",
+                             "extend_vocab.enabled=false", "model.from_config.vocab_size=512"])
+    run_dir = tmp_path / "r"
+    sft = StageContext("sft", run_dir / "stages" / "sft.partial", run_dir, 7, logging.getLogger("test"))
+    folder, name = _base_model(cfg, sft)
+    assert Path(folder) == run_dir / "stages" / "sft.partial" / "base_model" and name == "stages/sft/base_model"
+    adapter = sft.out_dir / "adapter"
+    adapter.mkdir()
+    (adapter / "jpadapt.json").write_text(json.dumps({"base_model": name, "quantization": "nf4"}))
+    (run_dir / "stages" / "sft.partial").rename(run_dir / "stages" / "sft")  # the runner's commit
+    evaluate = StageContext("evaluate", run_dir / "stages" / "evaluate.partial", run_dir, 7,
+                            logging.getLogger("test"), prerequisites={"sft": run_dir / "stages" / "sft"})
+    entry = _sft_entry(cfg, evaluate, run_dir / "stages" / "sft" / "adapter")
+    assert Path(entry.source) == (run_dir / "stages" / "sft" / "base_model").resolve()
+    assert entry.describe(evaluate)["source"] == "stages/sft/base_model"
 
 
 def test_sequence_longer_than_the_model_allows_fails(workspace, tmp_path):

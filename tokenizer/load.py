@@ -567,23 +567,26 @@ def _load_tiktoken(path: Path, name: str, source: str, pattern: str) -> Tiktoken
 # Resolving a spec
 
 
-def load_tokenizer(spec: str, name: str | None = None, *, tiktoken_pattern: str = LLAMA3_PATTERN) -> TokenizerBackend:
+def load_tokenizer(spec: str, name: str | None = None, *, tiktoken_pattern: str = LLAMA3_PATTERN,
+                   source: str | None = None) -> TokenizerBackend:
     """A bundled tokenizer by name, or one from a path: a folder, a tokenizer.json, a SentencePiece model or a
     tiktoken rank file (encoded with `tiktoken_pattern`; use QWEN_PATTERN for Qwen's qwen.tiktoken).
 
     Bundled names win over same-named folders in the working directory; write "./qwen" for the folder.
     `name` defaults to the bundled name, else the path's stem (its folder's name for "tokenizer.*" files).
+    `source` is what metrics record as its origin; default "bundled:NAME" or `spec`. Stages pass a name that
+    stays true after their folder is committed (a path into `<stage>.partial/` would not).
     """
     if spec in BUNDLED:
         file = tokenizer_file_in(materialize_dir(f"tokenizers/{spec}"))
-        return _load_file(file, name or spec, f"bundled:{spec}", tiktoken_pattern)
+        return _load_file(file, name or spec, source or f"bundled:{spec}", tiktoken_pattern)
     path = Path(spec).expanduser()
     if not path.exists():
         raise JpadaptError(
             f"tokenizer {spec!r}: not a bundled name ({', '.join(BUNDLED)}) and no such file or folder"
         )
     file = tokenizer_file_in(path) if path.is_dir() else path
-    return _load_file(file, name or default_name(path), spec, tiktoken_pattern)
+    return _load_file(file, name or default_name(path), source or spec, tiktoken_pattern)
 
 
 def default_name(path: Path) -> str:

@@ -14,7 +14,7 @@ Outputs, in `runs/<name>/stages/cpt/`:
     report.md, forgetting.png   the forgetting curves (`stages/cpt/report.py`)
     tensorboard/        the same scalars for TensorBoard
     checkpoints/        the newest `keep_checkpoints` DeepSpeed checkpoints, each with data position and RNG
-    job.json            what the workers were told
+    job.json            what the workers were told (bookkeeping, like log.txt: not an output, never hashed)
 
 Resuming: the stage is resumable. When a run dies (crash, SIGKILL, Ctrl-C), rerunning `jpadapt cpt` with
 the same configuration reuses the partial directory; the worker loads the newest *complete* checkpoint
@@ -33,26 +33,27 @@ from typing import Any
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch
-from pipeline.stage import StageContext, StageSpec, lazy
+from pipeline.stage import JOB, StageContext, StageSpec, lazy
 from pipeline.training import check_plan, job_context, pick_accelerator, run_workers, write_json
 from stages.cpt.job import LANGS, CptJob, TokenFiles
 
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     settings = cfg.cpt
+    extended = ctx.prerequisites.get("extend-vocab")
+    _check_model_folder(cfg, extended)
     accelerator = pick_accelerator("cpt", settings.accelerator, settings.num_gpus, settings.precision)
     _check_seq_len(cfg)
     check_plan(cfg, "cpt", ctx)
     check_launch(settings, "cpt")
     prepared = ctx.artifact("prepare")
-    extended = ctx.prerequisites.get("extend-vocab")
     tokenizer, tokenizer_dir = _tokenizer(cfg, extended, ctx.out_dir)
     _check_vocab(_trained_model(cfg, extended), tokenizer)
     tokens = _token_files(cfg, prepared, tokenizer, tokenizer_dir, ctx)
     steps = _total_steps(cfg)
     _warn_repeats(cfg, tokens, steps, ctx)
     job = _job(cfg, ctx, prepared, extended, tokenizer_dir, tokens, steps, accelerator)
-    run_workers(WORKER, job, ctx.out_dir / "job.json", settings, accelerator, ctx.log)
+    run_workers(WORKER, job, ctx.out_dir / JOB, settings, accelerator, ctx.log)
 
     from stages.cpt.report import write_report
 
@@ -79,6 +80,16 @@ def _total_steps(cfg: PipelineConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- preflight
+
+
+def _check_model_folder(cfg: PipelineConfig, extended: Path | None) -> None:
+    """The folder the workers will load, checked as they would check it (config.json, safetensors weights), so
+    that a bad one stops the stage here and not in a launched worker."""
+    from pipeline.models import check_model_folder
+
+    model = _trained_model(cfg, extended)
+    if model.path is not None:
+        check_model_folder(model.path, "model.path" if model.path == cfg.model.path else "the extend-vocab output")
 
 
 def _check_seq_len(cfg: PipelineConfig) -> None:
@@ -191,6 +202,7 @@ def _job(cfg: PipelineConfig, ctx: StageContext, prepared: Path, extended: Path 
         context=job_context(ctx, accelerator, steps),
         model=_trained_model(cfg, extended),
         extended_from=extended,
+        extended_from_name=None if extended is None else ctx.run_relative(extended),
         tokenizer_dir=tokenizer_dir,
         tokens=tokens,
         heldout={lang: files for lang, files in heldout.items() if files},

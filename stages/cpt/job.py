@@ -31,6 +31,7 @@ class CptJob(BaseModel):
     context: JobContext
     model: ModelConfig  # what the workers load: the extend-vocab output replaces the configured model
     extended_from: Path | None  # the extend-vocab output directory, when the vocabulary was extended
+    extended_from_name: str | None  # how summary.json names it: relative to the run directory (`stages/...`)
     tokenizer_dir: Path
     tokens: dict[Lang, TokenFiles]  # "en" only with replay
     heldout: dict[Lang, list[Path]]  # the languages that have held-out shards

@@ -299,7 +299,6 @@ class CptRecipe:
         train_seconds = self.clock.train_seconds
         lines = [json.loads(line) for line in (self.out / FORGETTING_FILE).read_text(encoding="utf-8").splitlines()]
         en_blocks = self.mixture.en_blocks_before(blocks)
-        extended_from = self.job.extended_from
         return {
             "steps": self.total,
             "world_size": self.world,
@@ -319,7 +318,7 @@ class CptRecipe:
             "initial_eval": lines[0] if lines and lines[0]["step"] == 0 else None,
             "final_eval": {lang: lines[-1][lang] for lang in LANGS if lang in lines[-1]},
             "consolidation_check": check,
-            "extended_from": None if extended_from is None else str(extended_from),
+            "extended_from": self.job.extended_from_name,
         }
 
     def _consolidate(self, model_dir: Path) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline.config import EvaluateConfig, ModelConfig, PipelineConfig
 from pipeline.errors import JpadaptError
+from pipeline.models import check_model_folder
 from pipeline.paths import display_path
 from pipeline.stage import StageContext, StageSpec, lazy
 
@@ -48,9 +49,16 @@ class ModelEntry:
     quantization: str | None = None  # sft: "nf4" when the base was trained 4-bit
     dtype: str = "auto"  # float32 | bfloat16 | auto (the folder's)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, ctx: StageContext) -> dict[str, Any]:
+        """Its row in results.json: folders of this run named relative to the run directory (`stages/cpt/model`,
+        the same in every run directory), other folders as display_path shows them."""
         def shown(path: str | None) -> str | None:
-            return display_path(Path(path)) if path is not None and Path(path).exists() else path
+            if path is None or not Path(path).exists():
+                return path
+            try:
+                return ctx.run_relative(Path(path))
+            except ValueError:  # outside the run
+                return display_path(Path(path))
 
         return {"name": self.name, "kind": self.kind, "source": shown(self.source), "tokenizer": shown(self.tokenizer),
                 "adapter": shown(self.adapter), "quantization": self.quantization}
@@ -106,7 +114,8 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 def model_entries(cfg: PipelineConfig, ctx: StageContext) -> list[ModelEntry]:
-    """The models of the run that exist (module docstring), checked to be loadable folders; no weights read."""
+    """The models of the run that exist (module docstring), every folder checked to be loadable
+    (`check_model_folder`: config.json, safetensors weights) before the first model is scored; no weights read."""
     settings = cfg.evaluate
     entries = []
     base = _base_entry(cfg, settings)
@@ -115,14 +124,14 @@ def model_entries(cfg: PipelineConfig, ctx: StageContext) -> list[ModelEntry]:
     for stage, kind in (("extend-vocab", "extended"), ("cpt", "cpt")):
         output = ctx.prerequisites.get(stage)
         if output is not None and (output / "model" / "config.json").is_file():
-            folder = str(output / "model")
+            folder = str(check_model_folder(output / "model", f"the {stage} output"))
             entries.append(ModelEntry(kind, kind, folder, folder, dtype=settings.dtype))
     sft = ctx.prerequisites.get("sft")
     if sft is not None:
-        entries.append(_sft_entry(cfg, sft / "adapter"))
+        entries.append(_sft_entry(cfg, ctx, sft / "adapter"))
     names = {e.name for e in entries}
     for i, folder in enumerate(settings.extra_models):
-        path = _model_folder(folder, f"evaluate.extra_models[{i}]")
+        path = check_model_folder(folder, f"evaluate.extra_models[{i}]")
         name = path.name
         while name in names:
             name = f"{name}_{i}"
@@ -138,7 +147,7 @@ def _base_entry(cfg: PipelineConfig, settings: EvaluateConfig) -> ModelEntry | N
     model = cfg.model
     tokenizer = model.tokenizer or model.path
     if model.path is not None:
-        folder = _model_folder(model.path, "model.path")
+        folder = check_model_folder(model.path, "model.path")
         return ModelEntry("base", "base", str(folder), str(tokenizer), dtype=_dtype(settings, model.dtype))
     if model.from_config is not None:
         if tokenizer is None:
@@ -148,14 +157,15 @@ def _base_entry(cfg: PipelineConfig, settings: EvaluateConfig) -> ModelEntry | N
     return None
 
 
-def _sft_entry(cfg: PipelineConfig, adapter: Path) -> ModelEntry:
+def _sft_entry(cfg: PipelineConfig, ctx: StageContext, adapter: Path) -> ModelEntry:
     info_file = adapter / "jpadapt.json"
     try:
         info = json.loads(info_file.read_text(encoding="utf-8"))
         base = info["base_model"]
     except (OSError, ValueError, KeyError) as exc:
         raise JpadaptError(f"{info_file}: cannot read the adapter's base model ({exc})") from None
-    folder = _model_folder(base, f"{info_file} base_model")
+    # sft names a folder of this run relative to the run directory (`stages/cpt/model`), others absolute.
+    folder = check_model_folder(ctx.resolve(base), f"{info_file} base_model")
     # The adapter is scored on the base as it was trained: 4-bit NF4 (QLoRA) in sft's compute dtype.
     quantization = info.get("quantization")
     dtype = PRECISION_DTYPES[cfg.sft.precision] if cfg.sft is not None else "float32"
@@ -165,14 +175,6 @@ def _sft_entry(cfg: PipelineConfig, adapter: Path) -> ModelEntry:
 
 def _dtype(settings: EvaluateConfig, model_dtype: str) -> str:
     return settings.dtype if settings.dtype != "auto" else model_dtype
-
-
-def _model_folder(path: str, key: str) -> Path:
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise JpadaptError(f"{key}: {path} is not a Hugging Face model folder (no config.json; models are never "
-                           "downloaded)")
-    return folder.resolve()
 
 
 def load_model(entry: ModelEntry, cfg: PipelineConfig, seed: int, device: Any) -> Any:
@@ -336,7 +338,7 @@ def evaluate_model(entry: ModelEntry, cfg: PipelineConfig, ctx: StageContext, de
         for shots, metrics in per_shots.items():
             ctx.log.info("%s: %s %s-shot acc %.3f, acc_norm %.3f", entry.name, task, shots,
                          metrics["acc"]["accuracy"], metrics["acc_norm"]["accuracy"])
-    record = {"model": {**entry.describe(), "dtype": dtype, "vocab_size": len(tokenizer),
+    record = {"model": {**entry.describe(ctx), "dtype": dtype, "vocab_size": len(tokenizer),
                         "positions": context, "window": window, "stride": stride,
                         "seconds": {k: round(v, 3) for k, v in seconds.items()}},
               "lm": lm, "jglue": jglue}
@@ -464,7 +466,7 @@ def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
     files.update(model_inputs(cfg.model))
     for i, folder in enumerate(settings.extra_models):
         key = f"evaluate.extra_models[{i}]"
-        files[key] = model_folder_files(_model_folder(folder, key), key)
+        files[key] = model_folder_files(check_model_folder(folder, key), key)
     return files
 
 

@@ -109,11 +109,15 @@ def preflight(cfg: PipelineConfig, base: BaseTokenizer):
             f"extend_vocab.algorithm: {base.file} is a unigram SentencePiece model, whose pieces need "
             "log-probabilities that BPE candidates lack; set extend_vocab.algorithm: unigram (got bpe)"
         )
-    backend = load_tokenizer(str(base.file), name="base")
+    # Recorded as the config names it ("bundled:llama2", or the path given), not as the cache file it resolves to.
+    source = f"bundled:{base.spec}" if base.spec in BUNDLED_TOKENIZERS else base.spec
+    backend = load_tokenizer(str(base.file), name="base", source=source)
     size = backend.vocab_size
     if has_model(cfg):
-        from pipeline.models import model_vocab_size
+        from pipeline.models import check_model_folder, model_vocab_size
 
+        if cfg.model.path is not None:  # before minutes of tokenizer training, not when the model is loaded
+            check_model_folder(cfg.model.path, "model.path")
         rows = model_vocab_size(cfg.model)
         if not size <= rows <= size + MAX_SPARE_ROWS:
             raise JpadaptError(
@@ -244,7 +248,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         raise RuntimeError(f"extension starts at id {added['base_size']}, the base has {base_size} ids")
     new_ids = added["new_ids"]
 
-    extended = load_tokenizer(str(tok_dir), name="extended")
+    extended = load_tokenizer(str(tok_dir), name="extended", source=ctx.run_relative(tok_dir))
     counts, encoded = count_new_tokens(extended, texts, new_ids)
 
     def token_text(i: int) -> str:

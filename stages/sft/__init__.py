@@ -35,7 +35,7 @@ from pipeline import __version__
 from pipeline.config import ModelConfig, PipelineConfig, SftConfig
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch
-from pipeline.stage import StageContext, StageSpec, lazy
+from pipeline.stage import JOB, StageContext, StageSpec, lazy
 from pipeline.training import check_plan, job_context, pick_accelerator, run_workers
 from stages.sft.job import GROUP_MICRO_BATCHES, Prompt, SftData, SftJob, load_examples, save_examples
 
@@ -47,7 +47,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     accelerator = pick_accelerator("sft", settings.accelerator, settings.num_gpus, settings.precision)
     check_plan(cfg, "sft", ctx)
     check_launch(settings, "sft")
-    base = _base_model(cfg, ctx)
+    base, base_name = _base_model(cfg, ctx)
     tokenizer, prompt_format = _tokenizer(cfg, base, ctx.out_dir / "adapter")
     target_modules = _check_model(cfg, base, tokenizer)
     new_ids = _new_token_ids(base) if settings.train_new_tokens else []
@@ -58,6 +58,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         context=job_context(ctx, accelerator, steps),
         sequences_per_epoch=per_epoch,
         base_model=base,
+        base_model_name=base_name,
         trust_remote_code=cfg.model.trust_remote_code,
         tokenizer_dir=ctx.out_dir / "adapter",
         prompt_format=prompt_format,
@@ -67,7 +68,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         sft=settings,
         jpadapt_version=__version__,
     )
-    run_workers(WORKER, job, ctx.out_dir / "job.json", settings, accelerator, ctx.log)
+    run_workers(WORKER, job, ctx.out_dir / JOB, settings, accelerator, ctx.log)
 
     from stages.sft.report import write_report
 
@@ -82,28 +83,31 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- preflight
 
 
-def _base_model(cfg: PipelineConfig, ctx: StageContext) -> str:
+def _base_model(cfg: PipelineConfig, ctx: StageContext) -> tuple[str, str]:
     """The folder to tune: sft.base_model, else the cpt output, else the extend-vocab output, else model.path. A
-    model built from `model.from_config` is saved into the stage directory first (an adapter needs a base folder)."""
-    from pipeline.models import load_causal_lm, save_model_folder
+    model built from `model.from_config` is saved into the stage directory first (an adapter needs a base folder).
+    Every folder is checked as loading will check it (`check_model_folder`), before anything is tokenized or
+    launched. Returns (the folder to load, its name in the outputs): a folder of this run is named relative to the
+    run directory (`stages/cpt/model`, `stages/sft/base_model`: true after the commit, the same in every run
+    directory; evaluate resolves it with `ctx.resolve`), any other folder by its absolute path."""
+    from pipeline.models import check_model_folder, load_causal_lm, save_model_folder
 
     if cfg.sft.base_model is not None:
-        folder = Path(cfg.sft.base_model).expanduser()
-        if not (folder / "config.json").is_file():
-            raise JpadaptError(f"sft.base_model: {cfg.sft.base_model} is not a Hugging Face model folder "
-                               "(no config.json; models are never downloaded)")
-        return str(folder.resolve())
+        folder = str(check_model_folder(cfg.sft.base_model, "sft.base_model"))
+        return folder, folder
     for stage in ("cpt", "extend-vocab"):
         output = ctx.prerequisites.get(stage)
         if output is not None and (output / "model" / "config.json").is_file():
-            return str(output / "model")
+            folder = check_model_folder(output / "model", f"the {stage} output")
+            return str(folder), ctx.run_relative(folder)
     if cfg.model.path is not None:
-        return str(Path(cfg.model.path).expanduser().resolve())
+        folder = str(check_model_folder(cfg.model.path, "model.path"))
+        return folder, folder
     folder = ctx.out_dir / "base_model"
     save_model_folder(load_causal_lm(cfg.model, seed=ctx.seed), folder)
     ctx.log.info("base: a %s model built from model.from_config, saved to %s", cfg.model.from_config["model_type"],
                  folder)
-    return str(folder)
+    return str(folder), ctx.run_relative(folder)
 
 
 def _tokenizer(cfg: PipelineConfig, base: str, adapter_dir: Path) -> tuple[Any, str]:
@@ -255,7 +259,7 @@ WORKER = "stages.sft.worker"
 
 
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
-    from pipeline.models import model_folder_files, model_inputs
+    from pipeline.models import check_model_folder, model_folder_files, model_inputs
     from pipeline.paths import resolve_files
 
     files = {"sft.data": resolve_files(cfg.sft.data, "sft.data")}
@@ -263,7 +267,8 @@ def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
         files["sft.heldout"] = resolve_files(cfg.sft.heldout, "sft.heldout")
     files.update(model_inputs(cfg.model))
     if cfg.sft.base_model is not None:
-        files["sft.base_model"] = model_folder_files(cfg.sft.base_model, "sft.base_model")
+        files["sft.base_model"] = model_folder_files(check_model_folder(cfg.sft.base_model, "sft.base_model"),
+                                                     "sft.base_model")
     return files
 
 

@@ -43,7 +43,8 @@ class SftJob(BaseModel):
 
     context: JobContext
     sequences_per_epoch: int = Field(ge=1)
-    base_model: str  # the HF folder tuned, as written into the adapter's config
+    base_model: str  # the HF folder tuned (where the workers load it from)
+    base_model_name: str  # how the outputs name it (adapter config, jpadapt.json, summary): run-relative or absolute
     trust_remote_code: bool
     tokenizer_dir: Path  # adapter/, where the stage saved the tokenizer with its chat template
     prompt_format: Literal["chat_template", "template"]

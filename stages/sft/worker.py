@@ -372,10 +372,10 @@ class SftRecipe:
         self.engine.module.save_pretrained(str(adapter_dir))
         config_file = adapter_dir / "adapter_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8"))
-        config["base_model_name_or_path"] = self.job.base_model
+        config["base_model_name_or_path"] = self.job.base_model_name
         write_json(config_file, config)
         write_json(adapter_dir / "jpadapt.json", {
-            "jpadapt_version": self.job.jpadapt_version, "stage": "sft", "base_model": self.job.base_model,
+            "jpadapt_version": self.job.jpadapt_version, "stage": "sft", "base_model": self.job.base_model_name,
             "quantization": self.s.quantization, "prompt_format": self.job.prompt_format,
             "new_token_ids": _ranges(self.job.new_token_ids),
         })
@@ -503,7 +503,7 @@ class SftRecipe:
             "optimizer": self.s.optimizer,
             "lora": {"r": self.s.lora_r, "alpha": self.s.lora_alpha, "dropout": self.s.lora_dropout,
                      "target_modules": self.job.target_modules},
-            "base_model": self.job.base_model, "prompt_format": self.job.prompt_format,
+            "base_model": self.job.base_model_name, "prompt_format": self.job.prompt_format,
             "packing": self.s.packing, "max_seq_len": self.s.max_seq_len, "global_batch_sequences": self.group,
             "data": self.job.data.stats, "sequences_per_epoch": self.job.sequences_per_epoch,
             "padding_share": padding,

@@ -58,7 +58,8 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     settings = cfg.tokenizer_report
     tokenizers = {name: load_tokenizer(spec, name=name) for name, spec in settings.tokenizers.items()}
     if "extend-vocab" in ctx.prerequisites:
-        tokenizers[EXTENDED] = load_tokenizer(str(ctx.artifact("extend-vocab") / "tokenizer"), name=EXTENDED)
+        folder = ctx.artifact("extend-vocab") / "tokenizer"
+        tokenizers[EXTENDED] = load_tokenizer(str(folder), name=EXTENDED, source=ctx.run_relative(folder))
     ctx.log.info("comparing %s on the prepared held-out text", ", ".join(tokenizers))
     metrics = compare(
         _heldout_corpora(ctx.artifact("prepare")),
