@@ -139,12 +139,22 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def interrupt_once(signum: int, frame: object) -> None:
-    """SIGINT handler of the launcher and the workers: KeyboardInterrupt the first time, nothing after. Ctrl-C
-    reaches every process of the job (one process group), and `run_job` sends SIGINT once more when the
-    launcher is still there a moment later: raised again, it would break the quiet exit with a traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+def stop_quietly() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM end this process, the launcher or a worker, with a KeyboardInterrupt the
+    first time and do nothing after: Ctrl-C reaches every process of the job (one process group), DeepSpeed's
+    launcher then sends the workers SIGTERM and `run_job` the launcher SIGINT once more, and a second
+    KeyboardInterrupt would break the quiet exit with a traceback. (Not SIG_IGN: a signal already pending when
+    the handler becomes SIG_IGN makes Python print "Signal 15 ignored due to race condition".)"""
+    stopping = False
+
+    def interrupt_once(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt_once)
 
 
 def deepspeed_launcher() -> int:
@@ -153,7 +163,7 @@ def deepspeed_launcher() -> int:
     stop on their own, so here it only exits, quietly, as they do."""
     from deepspeed.launcher.runner import main
 
-    signal.signal(signal.SIGINT, interrupt_once)
+    stop_quietly()
     try:
         main()
     except KeyboardInterrupt:

@@ -21,7 +21,6 @@ import math
 import os
 import pickle
 import shutil
-import signal
 import threading
 import time
 import traceback
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import JpadaptError
 from pipeline.hashing import sha256_file
-from pipeline.launch import interrupt_once
+from pipeline.launch import stop_quietly
 
 ERROR_FILE = "worker-error.txt"
 METRICS_FILE = "metrics.jsonl"
@@ -143,10 +142,10 @@ class Recipe(Protocol):
 
 def worker_main(job_file: str, job_type: type[JobT], recipe: Callable[[JobT], Recipe]) -> int:
     """One rank's life: read the typed job, run the recipe's phases. Errors land where the stage process looks:
-    a JpadaptError in worker-error.txt (its one-line message), a crash's traceback in log.txt. Ctrl-C ends the
-    worker quietly with code 130."""
+    a JpadaptError in worker-error.txt (its one-line message), a crash's traceback in log.txt. Ctrl-C or
+    SIGTERM ends the worker quietly with code 130."""
     out = Path(job_file).parent  # the stage writes job.json into its own directory
-    signal.signal(signal.SIGINT, interrupt_once)
+    stop_quietly()
     try:
         job = load_job(job_type, Path(job_file))
         quiet_libraries()

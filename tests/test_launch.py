@@ -154,9 +154,11 @@ def test_job_file_round_trips_and_a_bad_field_is_named(tmp_path):
     assert "context.seed" in (tmp_path / ERROR_FILE).read_text(encoding="utf-8")
 
 
-def test_ctrl_c_ends_a_worker_quietly(tmp_path):
-    """Ctrl-C in a worker: exit code 130, no traceback and no crash report (the jpadapt process says it in one
-    line). The SIGINTs that follow are ignored: they would interrupt the exit."""
+@pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)])
+def test_ctrl_c_or_sigterm_ends_a_worker_quietly(tmp_path, first, second):
+    """Ctrl-C or SIGTERM in a worker: exit code 130, no traceback and no crash report (the jpadapt process says
+    it in one line). The signals that follow (DeepSpeed's launcher sends SIGTERM after Ctrl-C) are ignored: they
+    would interrupt the exit."""
     from stages.cpt.job import CptJob
 
     job_file = tmp_path / "job.json"
@@ -168,19 +170,24 @@ def test_ctrl_c_ends_a_worker_quietly(tmp_path):
 
         def setup(self):
             try:
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(first)
             finally:
-                signal.raise_signal(signal.SIGINT)  # a second Ctrl-C while the first unwinds
+                signal.raise_signal(second)  # arrives while the first unwinds
 
-    handler = signal.getsignal(signal.SIGINT)
+    def unhandled(signum, frame):  # SIGTERM's default would end pytest
+        raise AssertionError(f"the worker left signal {signum} to the test's handler")
+
+    handlers = {signum: signal.signal(signum, unhandled) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = worker_main(str(job_file), CptJob, Interrupted)
+        signal.raise_signal(first)  # while the worker exits
+        signal.raise_signal(second)
     except KeyboardInterrupt:
         code = "KeyboardInterrupt escaped"
     finally:
-        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-        signal.signal(signal.SIGINT, handler)
-    assert code == 130 and ignored
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert code == 130
     assert not (tmp_path / "log.txt").exists() and not (tmp_path / ERROR_FILE).exists()
 
 

@@ -181,21 +181,20 @@ class CptRecipe:
     def train(self) -> None:
         if self.start == 0:
             self._evaluate(0)
-        bar = progress(self.rank, self.start, self.total, "cpt")
-        for step in range(self.start, self.total):
-            began = time.monotonic()
-            loss = self._train_step(step)
-            self.clock.train_seconds += time.monotonic() - began
-            record = self._step_record(step, loss, self.clock.train_seconds)
-            self.metrics.train(record, TRAIN_SCALARS)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")  # shown on rank 0 only
-            bar.update(1)
-            done = step + 1
-            if done % self.settings.eval_every == 0 or done == self.total:
-                self._evaluate(done)
-            if done % self.settings.save_every == 0 or done == self.total:
-                self._save_checkpoint(done)
-        bar.close()
+        with progress(self.rank, self.start, self.total, "cpt") as bar:  # its line ends however training ends
+            for step in range(self.start, self.total):
+                began = time.monotonic()
+                loss = self._train_step(step)
+                self.clock.train_seconds += time.monotonic() - began
+                record = self._step_record(step, loss, self.clock.train_seconds)
+                self.metrics.train(record, TRAIN_SCALARS)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")  # shown on rank 0 only
+                bar.update(1)
+                done = step + 1
+                if done % self.settings.eval_every == 0 or done == self.total:
+                    self._evaluate(done)
+                if done % self.settings.save_every == 0 or done == self.total:
+                    self._save_checkpoint(done)
 
     def _train_step(self, step: int) -> float:
         import torch
