@@ -5,9 +5,10 @@
     returncode = run_job(job, log)         # waits; Ctrl-C stops the workers too
 
 One process (`num_gpus: 1`, one node) runs `python -m MODULE` directly with the rendezvous variables a single
-rank needs. More processes go through DeepSpeed's own launcher (`python -m deepspeed.launcher.runner`, the
-`deepspeed` command): `--num_gpus`, `--num_nodes`, `--hostfile`, `--master_port` come from the YAML, and the
-argument list is built without a shell. On CPU, `--num_gpus` must be given even on one node (DeepSpeed's CPU
+rank needs. More processes go through DeepSpeed's own launcher (`deepspeed.launcher.runner`, the `deepspeed`
+command), run by this module (`python -m pipeline.launch`) so that Ctrl-C does not print its traceback:
+`--num_gpus`, `--num_nodes`, `--hostfile`, `--master_port` come from the YAML, and the argument list is built
+without a shell. On CPU, `--num_gpus` must be given even on one node (DeepSpeed's CPU
 "device count" is the number of NUMA nodes) and `DS_ACCELERATOR=cpu` selects gloo.
 
 What the processes do once started (process group, DeepSpeed config, metrics) is `pipeline/training.py`.
@@ -55,7 +56,7 @@ def launch_command(module: str, args: list[str], settings: LaunchSettings, accel
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(settings.master_port))
         return Job([sys.executable, "-m", module, *args], env, 1)
-    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(settings.num_gpus),
+    argv = [sys.executable, "-m", "pipeline.launch", "--num_gpus", str(settings.num_gpus),
             "--num_nodes", str(settings.num_nodes), "--master_port", str(settings.master_port)]
     if settings.hostfile is not None:
         argv += ["--hostfile", str(Path(settings.hostfile).expanduser())]
@@ -136,3 +137,39 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def stop_quietly() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM end this process, the launcher or a worker, with a KeyboardInterrupt the
+    first time and do nothing after: Ctrl-C reaches every process of the job (one process group), DeepSpeed's
+    launcher then sends the workers SIGTERM and `run_job` the launcher SIGINT once more, and a second
+    KeyboardInterrupt would break the quiet exit with a traceback. (Not SIG_IGN: a signal already pending when
+    the handler becomes SIG_IGN makes Python print "Signal 15 ignored due to race condition".)"""
+    stopping = False
+
+    def interrupt_once(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt_once)
+
+
+def deepspeed_launcher() -> int:
+    """`python -m pipeline.launch ARGS`: DeepSpeed's launcher with DeepSpeed's arguments. On Ctrl-C it would
+    print a traceback (it waits for its processes without a handler for SIGINT); they got the same SIGINT and
+    stop on their own, so here it only exits, quietly, as they do."""
+    from deepspeed.launcher.runner import main
+
+    stop_quietly()
+    try:
+        main()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(deepspeed_launcher())

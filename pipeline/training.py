@@ -8,15 +8,19 @@ Stage side (the `jpadapt` process):
 
 Worker side (every rank, `python -m stages.X.worker job.json`):
     sys.exit(worker_main(job_file, XJob, XRecipe))   # setup, train, save, cleanup; JpadaptError ->
-                                                     # worker-error.txt, crash -> log.txt
+                                                     # worker-error.txt, crash -> log.txt, Ctrl-C -> quiet
     start_worker, deepspeed_config, lr_schedule, initialize, MetricsLogger, progress, grad_norm, peak_memory
+    checkpoint_hashes, check_checkpoint, load_checkpoint, load_weights_only   # resuming without running pickles
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import pickle
+import shutil
 import threading
 import time
 import traceback
@@ -28,6 +32,8 @@ from typing import Any, Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import JpadaptError
+from pipeline.hashing import sha256_file
+from pipeline.launch import stop_quietly
 
 ERROR_FILE = "worker-error.txt"
 METRICS_FILE = "metrics.jsonl"
@@ -136,8 +142,10 @@ class Recipe(Protocol):
 
 def worker_main(job_file: str, job_type: type[JobT], recipe: Callable[[JobT], Recipe]) -> int:
     """One rank's life: read the typed job, run the recipe's phases. Errors land where the stage process looks:
-    a JpadaptError in worker-error.txt (its one-line message), a crash's traceback in log.txt."""
+    a JpadaptError in worker-error.txt (its one-line message), a crash's traceback in log.txt. Ctrl-C or
+    SIGTERM ends the worker quietly with code 130."""
     out = Path(job_file).parent  # the stage writes job.json into its own directory
+    stop_quietly()
     try:
         job = load_job(job_type, Path(job_file))
         quiet_libraries()
@@ -149,6 +157,10 @@ def worker_main(job_file: str, job_type: type[JobT], recipe: Callable[[JobT], Re
     except JpadaptError as exc:
         (out / ERROR_FILE).write_text(str(exc) + "\n", encoding="utf-8")
         return 2
+    except KeyboardInterrupt:
+        # The jpadapt process says it in one line and marks the stage interrupted; a traceback from every rank
+        # would only bury that line.
+        return 130
     except Exception:
         with (out / "log.txt").open("a", encoding="utf-8") as log:
             log.write(f"worker rank {os.environ.get('RANK', '0')} crashed:\n{traceback.format_exc()}")
@@ -315,6 +327,68 @@ def peak_memory(accelerator: str, device: Any) -> dict[str, Any]:
     return {"bytes": int(peak.item()), "kind": kind}
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_hashes(folder: Path, rank: int, world: int, marker: str) -> dict[str, str]:
+    """The sha256 of every file in a checkpoint folder but `marker`, by relative path. A collective: each rank
+    hashes a share of the files, every rank gets them all. The folder is on storage that all ranks see, as the
+    marker already requires (rank 0 alone writes it, every rank reads it to resume)."""
+    import torch
+
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != marker)
+    shares: list[Any] = [None] * world
+    torch.distributed.all_gather_object(shares, {name: sha256_file(folder / name) for name in names[rank::world]})
+    return {name: digest for share in shares for name, digest in share.items()}
+
+
+def check_checkpoint(folder: Path, recorded: dict[str, str], rank: int, world: int, marker: str,
+                     start_over: Path) -> None:
+    """Refuse a checkpoint whose files are not exactly those the run hashed when it wrote them (`recorded`,
+    from `checkpoint_hashes`): nothing planted or changed since is loaded. A collective; every rank gives the
+    same verdict."""
+    found = checkpoint_hashes(folder, rank, world, marker)
+    for name in sorted(found.keys() | recorded.keys()):
+        if found.get(name) != recorded.get(name):
+            problem = ("is not a file this run wrote" if name not in recorded else
+                       "is missing" if name not in found else "changed after this run wrote it")
+            raise JpadaptError(f"{folder / name}: {problem}; delete {start_over} to start over")
+
+
+def checkpoint_classes() -> list[type]:
+    """What DeepSpeed 0.19's checkpoint files hold besides tensors, containers and numbers, all of it in the
+    ZeRO optimizer states (read from files of ZeRO 0-3 in fp32 and bf16): the loss scaler (the dynamic one
+    under fp16), the ZeRO stage and the map of parameter fragments."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location: Any = None, *, start_over: Path) -> Any:
+    """`torch.load` of a checkpoint file that rebuilds tensors, containers, numbers and `checkpoint_classes`
+    and nothing else: unpickling a file in full runs whatever code it names. A file that names anything else
+    is refused with a JpadaptError that names the file and says how to start over."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(checkpoint_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise JpadaptError(f"{path}: not loaded: it holds more than tensors and plain data, which no checkpoint "
+                           f"does (torch.load with weights_only=True refused it); delete {start_over} to start over"
+                           ) from None
+
+
+def load_checkpoint(engine: Any, folder: Path, start_over: Path) -> None:
+    """`engine.load_checkpoint` of one checkpoint folder with every file read by `load_weights_only`. DeepSpeed
+    reads them all through the engine's checkpoint engine, whose `load` unpickles in full
+    (torch.load(weights_only=False)): on this engine it is replaced."""
+    engine.checkpoint_engine.load = functools.partial(load_weights_only, start_over=start_over)
+    engine.load_checkpoint(str(folder.parent), tag=folder.name)
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 
@@ -345,6 +419,44 @@ class MetricsLogger:
                 self._board.add_scalar(tag, value, record["step"])
         self._board.flush()
 
+    def drop_after(self, step: int, files: tuple[str, ...]) -> None:
+        """Forget what a killed attempt logged after `step`, the checkpoint the job resumes from: the records in
+        `files` and the TensorBoard events. The resumed steps are logged again."""
+        if not self.enabled:
+            return
+        for file in files:
+            _truncate_after(self.out / file, step)
+        self._truncate_board(step)
+
+    def start_over(self, files: tuple[str, ...]) -> None:
+        """Forget all that a killed attempt logged (it died before its first checkpoint)."""
+        if not self.enabled:
+            return
+        for file in files:
+            (self.out / file).unlink(missing_ok=True)
+        shutil.rmtree(self.out / TENSORBOARD_DIR, ignore_errors=True)
+
+    def _truncate_board(self, step: int) -> None:
+        """Rewrite the event files as one that holds their events up to `step`, with their wall times. Each
+        (step, tags) once: a rewrite killed before it deleted the files it read left those events twice."""
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+        from torch.utils.tensorboard.writer import FileWriter
+
+        old = sorted((self.out / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+        if not old:
+            return
+        kept = {}
+        for path in old:
+            for event in LegacyEventFileLoader(str(path)).Load():
+                if event.HasField("summary") and event.step <= step:
+                    kept[event.step, tuple(value.tag for value in event.summary.value)] = event
+        writer = FileWriter(str(self.out / TENSORBOARD_DIR))
+        for event in kept.values():
+            writer.add_event(event, walltime=event.wall_time)
+        writer.close()
+        for path in old:
+            path.unlink()
+
     def close(self) -> None:
         if self._board is not None:
             self._board.close()
@@ -359,6 +471,14 @@ def progress(rank: int, start: int, total: int, desc: str):
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop the records of a JSON-lines file logged after `step`."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -7,9 +7,12 @@ bundled corpora; each launch takes ~15 s, most of it importing torch, transforme
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -25,6 +28,8 @@ from pipeline.launch import free_port
 from pipeline.models import load_causal_lm, save_model_folder
 from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, run_cli, state_of
 from tests.helpers.jsonl import read_jsonl, read_texts
+from tests.helpers.pickles import Planted
+from tests.helpers.tensorboard import board_counts
 from tests.helpers.tiny import byte_bpe_tokenizer, pickle_only_copy
 
 SEQ_LEN = 32
@@ -34,6 +39,7 @@ TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 32, "inte
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 64, "tie_word_embeddings": True}
 LR = 1e-2
+PROGRESS_BAR = r"cpt: +\d+%\|[^|]*\|[^\]]*\]"  # cpt:  62%|██████▎   | 5/8 [00:03<00:01,  1.60step/s, loss=5.778]
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -90,6 +96,41 @@ def run_cpt(config: Path, *extra: str) -> subprocess.CompletedProcess:
     result = jpadapt("cpt", str(config), *extra, cwd=config.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def partial_dir(out: Path) -> Path:
+    return out / "t" / "stages" / "cpt.partial"
+
+
+def start_cpt(config: Path, log: Path, stderr: Path | None = None) -> subprocess.Popen:
+    """`jpadapt cpt` in the background, in a process group of its own as a terminal would start it. Its output
+    goes to `log` (stderr too, unless given a file of its own)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "wb") as out, open(stderr or os.devnull, "wb") as err:  # the child keeps its own copies
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "cpt", str(config)], cwd=config.parent,
+                                env=env, stdout=out, stderr=err if stderr else subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for(process: subprocess.Popen, log: Path, condition, what: str) -> None:
+    deadline = time.monotonic() + 240
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"no {what} within 4 minutes:\n" + log.read_text(errors="replace")[-3000:])
+        time.sleep(0.1)
+
+
+def newest_checkpoint(out: Path) -> int:
+    """The step of the newest complete checkpoint of the running (or killed) attempt; 0 if none."""
+    markers = (partial_dir(out) / "checkpoints").glob("step*/complete.json")
+    return max((int(marker.parent.name[4:]) for marker in markers), default=0)
+
+
+def logged_steps(out: Path) -> int:
+    path = partial_dir(out) / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return len([line for line in lines if line.endswith("}")])  # a line being written is not counted
 
 
 @pytest.fixture(scope="module")
@@ -199,19 +240,12 @@ def test_bf16_gradient_checkpointing_accumulation_one_process(workspace, tmp_pat
 def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_same_losses(zero2, workspace, tmp_path):
     out = tmp_path / "killed"
     config = write_config(workspace, out)
-    log = open(tmp_path / "first.log", "wb")  # noqa: SIM115 (closed below, after the process is gone)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "cpt", str(config)], cwd=out, env=env,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    marker = out / "t" / "stages" / "cpt.partial" / "checkpoints" / "step00000004" / "complete.json"
-    deadline = time.monotonic() + 240
-    while not marker.is_file():
-        assert process.poll() is None, (tmp_path / "first.log").read_text(errors="replace")[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
-        time.sleep(0.1)
+    log = tmp_path / "first.log"
+    process = start_cpt(config, log)
+    # Killed once steps after the newest checkpoint were logged: the resume must drop them.
+    wait_for(process, log, lambda: 0 < newest_checkpoint(out) < logged_steps(out), "steps after a checkpoint")
     os.killpg(process.pid, signal.SIGKILL)  # the stage process, the launcher and both workers
     process.wait()
-    log.close()
     assert state_of(jpadapt("status", str(config), cwd=out).stdout, "cpt") == "incomplete"
 
     result = run_cpt(config)
@@ -223,6 +257,64 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_same_losses(zero2,
     final, final_ref = read_jsonl(stage_dir(out) / "forgetting.jsonl"), read_jsonl(stage_dir(zero2) / "forgetting.jsonl")
     assert [e["step"] for e in final] == [0, 6, 12]
     assert final[-1]["en"]["nats"] == pytest.approx(final_ref[-1]["en"]["nats"], rel=1e-6)
+    # TensorBoard holds every step once: the killed attempt's events after the checkpoint are gone.
+    counts = board_counts(stage_dir(out) / "tensorboard")
+    assert [tag_step for tag_step, count in counts.items() if count != 1] == []
+    assert sorted(step for tag, step in counts if tag == "train/loss") == list(range(1, STEPS + 1))
+    assert sorted(step for tag, step in counts if tag == "eval/ja_bits_per_byte") == [0, 6, 12]
+
+
+def test_a_pickle_planted_in_a_checkpoint_is_refused_not_run(workspace, tmp_path):
+    """Resuming must not unpickle what it finds in the checkpoint folder in full: a file there could run any
+    code. Refused twice: by the hashes recorded when the checkpoint was written, and (a record rewritten to
+    match) by torch.load(weights_only=True). One process: the refusal happens before the launch matters."""
+    out = tmp_path / "planted"
+    config = write_config(workspace, out, num_gpus=1)
+    log = tmp_path / "first.log"
+    process = start_cpt(config, log)
+    wait_for(process, log, lambda: newest_checkpoint(out) > 0, "a checkpoint")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    checkpoint = partial_dir(out) / "checkpoints" / f"step{newest_checkpoint(out):08d}"
+    target = checkpoint / "mp_rank_00_model_states.pt"
+    ran = tmp_path / "planted-code-ran"
+    target.write_bytes(pickle.dumps(Planted(ran), protocol=2))  # the protocol torch.save writes
+
+    result = jpadapt("cpt", str(config), cwd=out)
+    assert not ran.exists()
+    assert_one_line_error(result, str(target), f"delete {partial_dir(out)}")
+
+    record = json.loads((checkpoint / "complete.json").read_text(encoding="utf-8"))
+    record.setdefault("sha256", {})[target.name] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (checkpoint / "complete.json").write_text(json.dumps(record), encoding="utf-8")
+    result = jpadapt("cpt", str(config), cwd=out)
+    assert not ran.exists()
+    assert_one_line_error(result, str(target), "weights_only", f"delete {partial_dir(out)}")
+
+
+def test_ctrl_c_prints_one_line_and_the_run_resumes(workspace, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the stage process, DeepSpeed's
+    launcher and the workers. The user sees one line, not a traceback per process, and the rerun resumes."""
+    out = tmp_path / "ctrl-c"
+    config = write_config(workspace, out, max_steps=8)
+    log = tmp_path / "first.log"
+    process = start_cpt(config, log, stderr=tmp_path / "first.err")
+    wait_for(process, log, lambda: 0 < newest_checkpoint(out) < logged_steps(out), "steps after a checkpoint")
+    before = (tmp_path / "first.err").stat().st_size
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    after = (tmp_path / "first.err").read_bytes()[before:].decode("utf-8", errors="replace")
+    assert "Traceback" not in after and "KeyboardInterrupt" not in after, after
+    # The lines a terminal shows, less the progress bar (redrawn after carriage returns, and the last drawing
+    # ends its line only if rank 0 closed it before the stage process printed).
+    lines = [re.sub(PROGRESS_BAR, "", line.rsplit("\r", 1)[-1]) for line in after.split("\n")]
+    lines = [line for line in lines if line.strip()]
+    assert len(lines) <= 2 and lines[-1].startswith("interrupted: "), after
+    assert state_of(jpadapt("status", str(config), cwd=out).stdout, "cpt") == "incomplete"
+
+    result = run_cpt(config)
+    assert "resuming from step0000000" in result.stdout
+    assert [m["step"] for m in read_jsonl(stage_dir(out) / "metrics.jsonl")] == list(range(1, 9))
 
 
 def test_replay_ratio_is_part_of_the_fingerprint(zero2):

@@ -1,21 +1,41 @@
 """How training jobs are launched (argument lists without a shell, rendezvous variables, hostfile and port
-checks), and the DeepSpeed config and learning-rate schedule the workers train with (`pipeline.training`)."""
+checks), and the DeepSpeed config and learning-rate schedule the workers train with, how they stop on Ctrl-C,
+load checkpoints and forget what a killed attempt logged (`pipeline.training`)."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import pickle
+import re
+import shutil
+import signal
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from pipeline.errors import JpadaptError
 from pipeline.launch import check_launch, launch_command, port_free
-from pipeline.training import ERROR_FILE, deepspeed_config, job_context, load_job, lr_schedule, save_job, worker_main
+from pipeline.training import (
+    ERROR_FILE,
+    TENSORBOARD_DIR,
+    MetricsLogger,
+    deepspeed_config,
+    job_context,
+    load_job,
+    load_weights_only,
+    lr_schedule,
+    save_job,
+    worker_main,
+)
+from tests.helpers.jsonl import read_jsonl
+from tests.helpers.pickles import Planted
+from tests.helpers.tensorboard import board_counts
 
 
 @dataclass
@@ -37,7 +57,7 @@ def test_one_process_runs_the_module_directly_with_rank_variables():
 def test_several_processes_go_through_the_deepspeed_launcher(tmp_path):
     hostfile = tmp_path / "hosts"
     job = launch_command("stages.cpt.worker", ["job.json"], Settings(8, 2, str(hostfile), 29600), "cuda")
-    assert job.argv[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert job.argv[:3] == [sys.executable, "-m", "pipeline.launch"]  # DeepSpeed's launcher, quiet on Ctrl-C
     assert job.argv[job.argv.index("--num_gpus") + 1] == "8"
     assert job.argv[job.argv.index("--num_nodes") + 1] == "2"
     assert job.argv[job.argv.index("--master_port") + 1] == "29600"
@@ -99,17 +119,23 @@ def test_lr_schedule_rewarms_then_decays_to_the_floor():
     assert lr_schedule(1e-3, warmup=0, total=5, min_ratio=0.0)(0) == pytest.approx(1e-3)
 
 
-def test_job_file_round_trips_and_a_bad_field_is_named(tmp_path):
-    """The typed job the stage writes is what the worker reads; a missing or malformed field stops the worker
-    with a message naming it (in worker-error.txt, which the stage turns into its one-line error)."""
+def cpt_job(folder: Path):
     from pipeline.config import CptConfig, ModelConfig
     from stages.cpt.job import CptJob, TokenFiles
 
-    stage = SimpleNamespace(out_dir=tmp_path, run_dir=tmp_path.parent, seed=7)
-    job = CptJob(context=job_context(stage, "cpu", 3), model=ModelConfig(from_config={"model_type": "llama"}),
-                 extended_from=None, extended_from_name=None, tokenizer_dir=tmp_path / "tokenizer",
-                 tokens={"ja": TokenFiles(prefix=tmp_path / "ja", n_tokens=10, n_docs=2)},
-                 heldout={"ja": [tmp_path / "ja_heldout.jsonl"]}, cpt=CptConfig(max_steps=3))
+    stage = SimpleNamespace(out_dir=folder, run_dir=folder.parent, seed=7)
+    return CptJob(context=job_context(stage, "cpu", 3), model=ModelConfig(from_config={"model_type": "llama"}),
+                  extended_from=None, extended_from_name=None, tokenizer_dir=folder / "tokenizer",
+                  tokens={"ja": TokenFiles(prefix=folder / "ja", n_tokens=10, n_docs=2)},
+                  heldout={"ja": [folder / "ja_heldout.jsonl"]}, cpt=CptConfig(max_steps=3))
+
+
+def test_job_file_round_trips_and_a_bad_field_is_named(tmp_path):
+    """The typed job the stage writes is what the worker reads; a missing or malformed field stops the worker
+    with a message naming it (in worker-error.txt, which the stage turns into its one-line error)."""
+    from stages.cpt.job import CptJob
+
+    job = cpt_job(tmp_path)
     job_file = tmp_path / "job.json"
     save_job(job, job_file)
     assert load_job(CptJob, job_file) == job
@@ -126,3 +152,97 @@ def test_job_file_round_trips_and_a_bad_field_is_named(tmp_path):
 
     assert worker_main(str(job_file), CptJob, never) == 2
     assert "context.seed" in (tmp_path / ERROR_FILE).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)])
+def test_ctrl_c_or_sigterm_ends_a_worker_quietly(tmp_path, first, second):
+    """Ctrl-C or SIGTERM in a worker: exit code 130, no traceback and no crash report (the jpadapt process says
+    it in one line). The signals that follow (DeepSpeed's launcher sends SIGTERM after Ctrl-C) are ignored: they
+    would interrupt the exit."""
+    from stages.cpt.job import CptJob
+
+    job_file = tmp_path / "job.json"
+    save_job(cpt_job(tmp_path), job_file)
+
+    class Interrupted:
+        def __init__(self, job):
+            pass
+
+        def setup(self):
+            try:
+                signal.raise_signal(first)
+            finally:
+                signal.raise_signal(second)  # arrives while the first unwinds
+
+    def unhandled(signum, frame):  # SIGTERM's default would end pytest
+        raise AssertionError(f"the worker left signal {signum} to the test's handler")
+
+    handlers = {signum: signal.signal(signum, unhandled) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = worker_main(str(job_file), CptJob, Interrupted)
+        signal.raise_signal(first)  # while the worker exits
+        signal.raise_signal(second)
+    except KeyboardInterrupt:
+        code = "KeyboardInterrupt escaped"
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert code == 130
+    assert not (tmp_path / "log.txt").exists() and not (tmp_path / ERROR_FILE).exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, on the second planted pickle
+def test_checkpoint_files_are_loaded_as_data(tmp_path):
+    """What DeepSpeed puts into checkpoints loads (the fp16 loss scaler too, which only a GPU run writes); a
+    pickle that names code is refused, and its code does not run."""
+    from collections import OrderedDict
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    state = {"loss_scaler": DynamicLossScaler(2.0**16, 1000, 1, 2, False, dtype=torch.float16),
+             "static_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+             "param_slice_mappings": [OrderedDict(weight=fragment_address(numel=4, start=0))],
+             "fp32_groups": [torch.arange(4.0)]}
+    saved = tmp_path / "optim_states.pt"
+    torch.save(state, saved, _use_new_zipfile_serialization=False)  # DeepSpeed's default format
+    loaded = load_weights_only(saved, map_location="cpu", start_over=tmp_path)
+    assert vars(loaded["loss_scaler"]) == vars(state["loss_scaler"])
+    assert loaded["zero_stage"] is ZeroStageEnum.gradients
+    assert loaded["param_slice_mappings"][0]["weight"] == fragment_address(numel=4, start=0)
+    assert torch.equal(loaded["fp32_groups"][0], state["fp32_groups"][0])
+
+    planted = tmp_path / "mp_rank_00_model_states.pt"
+    ran = tmp_path / "ran"
+    refused = rf"^{re.escape(str(planted))}: not loaded: .* delete {re.escape(str(tmp_path))} to start over$"
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):  # torch.save's, and one the weights-only loader cannot read
+        planted.write_bytes(pickle.dumps(Planted(ran), protocol=protocol))
+        with pytest.raises(JpadaptError, match=refused):
+            load_weights_only(planted, start_over=tmp_path)
+        assert not ran.exists()
+
+
+def test_resuming_drops_what_the_killed_attempt_logged_after_the_checkpoint(tmp_path):
+    """Records and TensorBoard events after the resumed step go; those before stay, each once, also when an
+    earlier rewrite was killed before it deleted the event files it had read (here: a copy of one)."""
+    first = MetricsLogger(tmp_path, rank=0)
+    for step in range(1, 8):
+        first.train({"step": step, "loss": 10.0 - step, "lr": 0.1}, ("loss", "lr"))
+        if step % 3 == 0:
+            first.record("eval.jsonl", {"step": step, "bpb": 2.0 / step}, {"eval/bpb": 2.0 / step})
+    first.close()
+    events = next((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    shutil.copy(events, events.with_name(events.name + ".2"))
+
+    resumed = MetricsLogger(tmp_path, rank=0)
+    resumed.drop_after(4, ("metrics.jsonl", "eval.jsonl"))
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_jsonl(tmp_path / "eval.jsonl")] == [3]
+    for step in range(5, 7):
+        resumed.train({"step": step, "loss": 10.0 - step, "lr": 0.1}, ("loss", "lr"))
+    resumed.close()
+    counts = board_counts(tmp_path / TENSORBOARD_DIR)
+    assert counts == {**{(tag, step): 1 for tag in ("train/loss", "train/lr") for step in range(1, 7)},
+                      ("eval/bpb", 3): 1}

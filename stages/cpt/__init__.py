@@ -18,7 +18,9 @@ Outputs, in `runs/<name>/stages/cpt/`:
 
 Resuming: the stage is resumable. When a run dies (crash, SIGKILL, Ctrl-C), rerunning `jpadapt cpt` with
 the same configuration reuses the partial directory; the worker loads the newest *complete* checkpoint
-(marked by `complete.json`, written after every rank saved), drops metrics logged after it and continues.
+(marked by `complete.json`, written after every rank saved), drops metrics and TensorBoard events logged after
+it and continues. A checkpoint is data, never code: its files must match the sha256 hashes in its `complete.json`
+and are read with torch.load(weights_only=True) (`pipeline.training.load_checkpoint`).
 The data position is the optimizer step: block indices are a pure function of the step
 (`data.mixture.shard_indices`), so the resumed run reads exactly the blocks the uninterrupted run would.
 """

@@ -19,12 +19,15 @@ from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError
 from pipeline.training import (
     METRICS_FILE,
-    TENSORBOARD_DIR,
     MetricsLogger,
+    check_checkpoint,
+    checkpoint_hashes,
     decay_groups,
     deepspeed_config,
     grad_norm,
     initialize,
+    load_checkpoint,
+    load_weights_only,
     lr_schedule,
     peak_memory,
     progress,
@@ -37,6 +40,7 @@ from stages.cpt.job import LANGS, CptJob
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 FORGETTING_FILE = "forgetting.jsonl"
+RECORDS = (METRICS_FILE, FORGETTING_FILE)
 TRAIN_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "en_share")
 # Tolerance of the consolidated model's logits against the engine's, by training precision.
 LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
@@ -146,14 +150,14 @@ class CptRecipe:
         return model
 
     def _resume(self) -> tuple[int, dict[str, Any]]:
+        """The step and state of the newest complete checkpoint, loaded into the engine (0 and {}: none). Its
+        files must be those the run hashed when it wrote them, and they are read without running code
+        (`load_checkpoint`): the checkpoint folder is only data."""
         import torch
 
         checkpoints = complete_checkpoints(self.out / CHECKPOINTS)
         if not checkpoints:
-            if self.rank == 0:  # a run that died before its first checkpoint starts over
-                for path in self._records():
-                    path.unlink(missing_ok=True)
-                shutil.rmtree(self.out / TENSORBOARD_DIR, ignore_errors=True)
+            self.metrics.start_over(RECORDS)  # a run that died before its first checkpoint starts over
             torch.distributed.barrier()
             return 0, {}
         latest = checkpoints[-1]
@@ -163,40 +167,34 @@ class CptRecipe:
                 f"{latest}: the checkpoint was written by {state['world_size']} processes, this run has "
                 f"{self.world}; set cpt.num_gpus/num_nodes back, or delete {self.out} to start over"
             )
-        self.engine.load_checkpoint(str(latest.parent), tag=latest.name)
-        rng = latest / f"rng-rank{self.rank}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=True))
+        check_checkpoint(latest, state.get("sha256", {}), self.rank, self.world, COMPLETE, start_over=self.out)
+        load_checkpoint(self.engine, latest, start_over=self.out)
+        _set_rng_state(load_weights_only(latest / f"rng-rank{self.rank}.pt", start_over=self.out))
         if self.rank == 0:
             _log(f"resuming from {latest.name} (step {state['step']} of {self.total})")
-            for path in self._records():
-                _truncate_after(path, state["step"])
+        self.metrics.drop_after(state["step"], RECORDS)
         torch.distributed.barrier()
         return int(state["step"]), state
-
-    def _records(self) -> tuple[Path, Path]:
-        return self.out / METRICS_FILE, self.out / FORGETTING_FILE
 
     # ----------------------------------------------------------------------------------------- training
 
     def train(self) -> None:
         if self.start == 0:
             self._evaluate(0)
-        bar = progress(self.rank, self.start, self.total, "cpt")
-        for step in range(self.start, self.total):
-            began = time.monotonic()
-            loss = self._train_step(step)
-            self.clock.train_seconds += time.monotonic() - began
-            record = self._step_record(step, loss, self.clock.train_seconds)
-            self.metrics.train(record, TRAIN_SCALARS)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")  # shown on rank 0 only
-            bar.update(1)
-            done = step + 1
-            if done % self.settings.eval_every == 0 or done == self.total:
-                self._evaluate(done)
-            if done % self.settings.save_every == 0 or done == self.total:
-                self._save_checkpoint(done)
-        bar.close()
+        with progress(self.rank, self.start, self.total, "cpt") as bar:  # its line ends however training ends
+            for step in range(self.start, self.total):
+                began = time.monotonic()
+                loss = self._train_step(step)
+                self.clock.train_seconds += time.monotonic() - began
+                record = self._step_record(step, loss, self.clock.train_seconds)
+                self.metrics.train(record, TRAIN_SCALARS)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")  # shown on rank 0 only
+                bar.update(1)
+                done = step + 1
+                if done % self.settings.eval_every == 0 or done == self.total:
+                    self._evaluate(done)
+                if done % self.settings.save_every == 0 or done == self.total:
+                    self._save_checkpoint(done)
 
     def _train_step(self, step: int) -> float:
         import torch
@@ -273,9 +271,10 @@ class CptRecipe:
         self.engine.save_checkpoint(str(root), tag=tag)
         torch.save(_rng_state(), root / tag / f"rng-rank{self.rank}.pt")
         torch.distributed.barrier()
+        hashes = checkpoint_hashes(root / tag, self.rank, self.world, COMPLETE)  # what a resume will accept
         if self.rank == 0:
             state = {"step": step, "next_block": step * self.group_blocks, "train_seconds": self.clock.train_seconds,
-                     "wall_seconds": self.clock.wall_seconds(), "world_size": self.world}
+                     "wall_seconds": self.clock.wall_seconds(), "world_size": self.world, "sha256": hashes}
             write_json(root / tag / COMPLETE, state)
             for old in complete_checkpoints(root)[: -self.settings.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -418,14 +417,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop records logged after `step` (by the run that died after its last checkpoint)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _log(message: str) -> None:

@@ -233,27 +233,26 @@ class SftRecipe:
     def train(self) -> None:
         self._check_loss()
         self.initial_eval = self._evaluate(0)
-        bar = progress(self.rank, 0, self.total, "sft")
         seen = {"tokens": 0, "response_tokens": 0}
         self.positions = 0  # real + pad positions of every batch trained on (all ranks)
         train_seconds, started = 0.0, time.monotonic()
         record: dict[str, Any] = {}
-        for step in range(self.total):
-            began = time.monotonic()
-            loss, tokens, responses = self._train_step(step)
-            train_seconds += time.monotonic() - began
-            seen["tokens"] += tokens
-            seen["response_tokens"] += responses
-            record = {"step": step + 1, "loss": loss, "lr": self.schedule(step),
-                      "grad_norm": None if self.norm is None else float(self.norm), **seen,
-                      "tokens_per_s": seen["tokens"] / train_seconds if train_seconds > 0 else 0.0,
-                      "epoch": self.stream.epoch_of((step + 1) * self.group)}
-            self.metrics.train(record, TRAIN_SCALARS)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")  # shown on rank 0 only
-            bar.update(1)
-            if (step + 1) % self.s.eval_every == 0 and step + 1 != self.total:
-                self._evaluate(step + 1)
-        bar.close()
+        with progress(self.rank, 0, self.total, "sft") as bar:  # its line ends however training ends
+            for step in range(self.total):
+                began = time.monotonic()
+                loss, tokens, responses = self._train_step(step)
+                train_seconds += time.monotonic() - began
+                seen["tokens"] += tokens
+                seen["response_tokens"] += responses
+                record = {"step": step + 1, "loss": loss, "lr": self.schedule(step),
+                          "grad_norm": None if self.norm is None else float(self.norm), **seen,
+                          "tokens_per_s": seen["tokens"] / train_seconds if train_seconds > 0 else 0.0,
+                          "epoch": self.stream.epoch_of((step + 1) * self.group)}
+                self.metrics.train(record, TRAIN_SCALARS)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")  # shown on rank 0 only
+                bar.update(1)
+                if (step + 1) % self.s.eval_every == 0 and step + 1 != self.total:
+                    self._evaluate(step + 1)
         self.final_eval = self._evaluate(self.total)
         self.last, self.train_seconds, self.wall_seconds = record, train_seconds, time.monotonic() - started
 
