@@ -474,10 +474,22 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Drop the records of a JSON-lines file logged after `step`."""
+    """Drop the records of a JSON-lines file logged after `step`. A last line that does not parse was cut by the
+    kill that ended the attempt: it is dropped (its step is logged again); a bad line before it is damage."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                break
+            raise JpadaptError(f"{path}:{number}: not a record this run wrote; delete {path.parent} to start over"
+                               ) from None
+        if record_step <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

@@ -224,6 +224,20 @@ def test_checkpoint_files_are_loaded_as_data(tmp_path):
         assert not ran.exists()
 
 
+def test_a_record_cut_by_the_kill_is_dropped_on_resume(tmp_path):
+    """SIGKILL in the middle of a write leaves half a line; resuming must not choke on it. Damage anywhere else is
+    one clear error."""
+    logger = MetricsLogger(tmp_path, rank=0)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo', encoding="utf-8")
+    logger.drop_after(2, ("metrics.jsonl",))
+    assert [r["step"] for r in read_jsonl(metrics)] == [1, 2]
+    metrics.write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.5}\n', encoding="utf-8")
+    with pytest.raises(JpadaptError, match="metrics.jsonl:2: not a record this run wrote"):
+        logger.drop_after(2, ("metrics.jsonl",))
+    logger.close()
+
+
 def test_resuming_drops_what_the_killed_attempt_logged_after_the_checkpoint(tmp_path):
     """Records and TensorBoard events after the resumed step go; those before stay, each once, also when an
     earlier rewrite was killed before it deleted the event files it had read (here: a copy of one)."""
