@@ -100,4 +100,3 @@ def test_deepspeed_engines_train_the_same_with_either_loss():
         assert new["losses"] == pytest.approx(old["losses"], rel=loss_rel), row
         assert new["grad_norms"] == pytest.approx(old["grad_norms"], rel=norm_rel), row
         assert new["heldout"] == pytest.approx(old["heldout"], rel=loss_rel), row
-        assert old["losses"][-1] < old["losses"][0]  # it trains
