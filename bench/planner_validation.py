@@ -11,8 +11,8 @@ Every model is a LLaMA built from config values (`AutoModelForCausalLM.from_conf
   - activations: the tensors autograd saves in one decoder layer (`torch.autograd.graph.saved_tensors_hooks`,
     once per storage, parameters and the rotary cos/sin that all layers share left out), SDPA and eager,
     with and without GQA, bf16 and fp32, full and LoRA;
-  - the logits + loss head (lm_head + transformers' ForCausalLMLoss): peak of live CPU allocations from
-    torch.profiler's memory events, per logit;
+  - the logits + loss head (the chunked output layer cpt and sft train with, `pipeline.training.output_nats`):
+    peak of live CPU allocations from torch.profiler's memory events, a small and Qwen's 152k vocabulary;
   - ZeRO-1/2/3 over 2 processes (torchrun, gloo, DS_ACCELERATOR=cpu, a torch AdamW passed in code so nothing
     compiles but DeepSpeed's shared-memory op, cached after the first run): the bytes each rank holds;
   - DeepSpeed's own estimators (estimate_zero2/zero3_model_states_mem_needs) on the same configurations.
@@ -388,9 +388,12 @@ def checkpoint_rows(seq: int = 64) -> list[Row]:
 
 
 def logits_rows(dtype: str = "bfloat16", vocab: int = 4000, tokens: int = 512) -> list[Row]:
-    """Peak live bytes of lm_head + transformers' loss (forward and backward), per logit, from the profiler's
-    allocation events (CPU allocator): LlamaForCausalLM.forward calls exactly these two."""
+    """Peak live bytes of the training loss's output layer (`pipeline.training.output_nats`: lm_head + cross
+    entropy in checkpointed chunks, what cpt and sft run) over forward and backward from given hidden states, from
+    the profiler's allocation events (CPU allocator), after a warm-up step (the weight's .grad exists)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.training import LOGIT_CHUNK_ELEMENTS, output_nats
 
     spec = {**TINY, "vocab_size": vocab}
     model = build(spec, getattr(torch, dtype))
@@ -398,10 +401,8 @@ def logits_rows(dtype: str = "bfloat16", vocab: int = 4000, tokens: int = 512) -
     labels = torch.randint(0, vocab, (2, tokens // 2), generator=torch.Generator().manual_seed(3))
 
     def head() -> None:
-        logits = model.lm_head(hidden)
-        loss = model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
-        del logits  # the trainer drops the model output before backward
-        loss.backward()
+        nats, count = output_nats(model, hidden, labels)
+        (nats / count).backward()
 
     head()  # warm-up: gradients of lm_head and hidden exist before the measured step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -414,10 +415,17 @@ def logits_rows(dtype: str = "bfloat16", vocab: int = 4000, tokens: int = 512) -
         peak = max(peak, live)
     precision = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
     planned = plan_memory(shape_of(spec, "head"), Setup(micro_batch=2, seq_len=tokens // 2, precision=precision))
-    elements = tokens * vocab
-    return [Row(f"logits + loss, {precision}, vocab {vocab:,}", "logits and loss (B per logit)",
-                planned.term("logits and loss").bytes // elements, round(peak / elements), 0.01,
-                f"peak {peak:,} B over {elements:,} logits")]
+    term = planned.term("logits and loss")
+    # The planner counts every token; the last position of each sequence has no target (-2 rows here). When all
+    # targets fit one chunk, the weight gradient is computed after the chunk's logit gradients are freed: not in
+    # the peak (with several chunks each chunk's weight gradient is, as the planner counts it).
+    targets = 2 * (tokens // 2 - 1)
+    rows = min(tokens, LOGIT_CHUNK_ELEMENTS // vocab)
+    explained = -(min(rows, tokens) - min(rows, targets)) * vocab * 12
+    if targets <= rows:
+        explained -= vocab * spec["hidden_size"] * planned.setup.weight_bytes
+    return [Row(f"chunked logits + loss, {precision}, vocab {vocab:,}, {tokens} tokens", "logits and loss",
+                term.bytes, peak, 0.01, term.formula, explained)]
 
 
 # ------------------------------------------------------------------------------------------------- ZeRO
@@ -664,6 +672,7 @@ def main() -> int:
     rows += timed("checkpointed activations", checkpoint_rows)
     for dtype in ("bfloat16", "float32"):
         rows += timed(f"logits {dtype}", logits_rows, dtype)
+        rows += timed(f"logits {dtype} vocab 151,936", logits_rows, dtype, vocab=151_936, tokens=1024)
     if not args.skip_zero:
         with tempfile.TemporaryDirectory() as tmp:
             for stage in (1, 2, 3):
@@ -721,7 +730,9 @@ FINDINGS = [
     "rows subtract or add exactly that difference."),
     ("- Logits + loss: the peak is in the loss's backward, 12 B per logit (saved fp32 log-probabilities, their "
     "gradient from nll_loss, log_softmax's input gradient), not 10 (bf16) or 8 (fp32): the forward peak, logits + "
-    "fp32 copy + log-probabilities, is 10 B in bf16."),
+    "fp32 copy + log-probabilities, is 10 B in bf16. Training now runs the output layer in checkpointed chunks of "
+    "2**26 logits (bench/results/cpt_loss_memory-cpu.md): the term is one chunk at 12 B per logit + the chunk's "
+    "output-layer weight gradient + the scored hidden states and their gradient, not tokens x vocab x 12 B."),
     ("- NF4: each quantized weight's QuantState owns its 16-entry NF4 table, and with double quantization the "
     "fp32 offset and the 256-entry 8-bit map (1,092 B a tensor, no sharing): 13% of the constants of the 58M "
     "model, now in the formula; the absmax blocks are rounded up per tensor."),

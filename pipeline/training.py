@@ -11,6 +11,7 @@ Worker side (every rank, `python -m stages.X.worker job.json`):
                                                      # worker-error.txt, crash -> log.txt, Ctrl-C -> quiet
     start_worker, deepspeed_config, lr_schedule, initialize, MetricsLogger, progress, grad_norm, peak_memory
     checkpoint_hashes, check_checkpoint, load_checkpoint, load_weights_only   # resuming without running pickles
+    causal_lm_nats (the loss of both: decoder once, output layer in checkpointed chunks), engine_nats
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 JobT = TypeVar("JobT", bound=BaseModel)
+# The output layer runs on at most this many (positions x vocabulary) logits at a time: 2**26 = 67M values, e.g.
+# 441 positions of Qwen's 151,936-token vocabulary, ~0.8 GB at the ~12 B per logit its loss's backward holds,
+# instead of 4 x 4096 x 151,936 x 12 B = 30 GB for a micro batch of 4 x 4096 tokens.
+LOGIT_CHUNK_ELEMENTS = 2**26
 
 
 class JobContext(BaseModel):
@@ -387,6 +392,74 @@ def load_checkpoint(engine: Any, folder: Path, start_over: Path) -> None:
     (torch.load(weights_only=False)): on this engine it is replaced."""
     engine.checkpoint_engine.load = functools.partial(load_weights_only, start_over=start_over)
     engine.load_checkpoint(str(folder.parent), tag=folder.name)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def causal_lm_nats(model: Any, input_ids: Any, labels: Any, position_ids: Any = None, attention_mask: Any = None,
+                   chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> tuple[Any, int]:
+    """(sum of nats in fp32, count) of next-token prediction over the positions whose target (`labels` shifted by
+    one, as transformers' ForCausalLMLoss does) is not -100: nats / count is transformers' `.loss` for the same
+    labels. The decoder runs once on every position; the output layer (+ final_logit_softcapping) only on the
+    positions that carry loss, in chunks of `chunk_elements` logits under torch.utils.checkpoint, so no
+    tokens x vocabulary logits tensor is ever kept (recomputed chunk by chunk in backward).
+
+    `model`: a transformers causal LM (a PEFT model's base is used; its adapters live in the decoder's modules).
+    Its decoder and output layer are called as modules, so DeepSpeed's ZeRO-3 hooks gather their parameters
+    (again for each chunk recomputed in backward), tied embeddings included."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(causal, causal.base_model_prefix)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                     use_cache=False).last_hidden_state
+    return output_nats(causal, hidden, labels, chunk_elements)
+
+
+def output_nats(causal: Any, hidden: Any, labels: Any, chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> tuple[Any, int]:
+    """The output layer's part of `causal_lm_nats`: (nats, count) from the decoder's last hidden states."""
+    import torch
+
+    targets = labels[:, 1:]
+    keep = targets != -100
+    states, targets = hidden[:, :-1][keep], targets[keep]
+    head = causal.get_output_embeddings()
+    cap = getattr(causal.config, "final_logit_softcapping", None)
+    chunk = max(1, chunk_elements // head.weight.shape[0])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, states.shape[0], chunk):
+        piece = (states[start:start + chunk], targets[start:start + chunk])
+        if torch.is_grad_enabled():
+            # Recomputed in backward: the chunk's logits are never kept.
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_nats, head, cap, *piece, use_reentrant=False)
+        else:
+            total = total + _chunk_nats(head, cap, *piece)
+    return total, int(targets.numel())
+
+
+def _chunk_nats(head: Any, cap: float | None, states: Any, targets: Any) -> Any:
+    import torch
+
+    logits = head(states).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def engine_nats(engine: Any, **batch: Any) -> tuple[Any, int]:
+    """`causal_lm_nats(engine.module, **batch)` run as the engine's forward pass: DeepSpeed's forward bookkeeping
+    (ZeRO-3's start-of-forward hook on the root module) and the output hooks that start its backward
+    (gradient-accumulation boundary, ZeRO's backward prologue) run as they do for `engine(**batch)`. The module's
+    own forward is swapped for the call and put back after it."""
+    module = engine.module
+    own = module.__dict__.get("forward")  # None: the class's forward
+    module.forward = functools.partial(causal_lm_nats, module)
+    try:
+        return engine(**batch)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 # ---------------------------------------------------------------------------------------------- metrics

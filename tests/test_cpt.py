@@ -40,6 +40,19 @@ TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 32, "inte
               "max_position_embeddings": 64, "tie_word_embeddings": True}
 LR = 1e-2
 PROGRESS_BAR = r"cpt: +\d+%\|[^|]*\|[^\]]*\]"  # cpt:  62%|██████▎   | 5/8 [00:03<00:01,  1.60step/s, loss=5.778]
+# Per-step losses (metrics.jsonl) of the zero2 and zero3 fixtures and of the bf16 test below, recorded with
+# transformers' full-logits loss (`engine(input_ids, labels).loss`, commit a4ffa1f) before cpt moved to the chunked
+# output layer (pipeline.training.causal_lm_nats). The chunked loss must reproduce them: fp32 to float rounding
+# (the chunks sum in another order), bf16 to its rounding of the output layer's weight gradient chunk by chunk.
+RECORDED_FULL_LOGITS = {
+    "zero2": [6.238036155700684, 6.137760162353516, 6.051357746124268, 5.946571350097656, 5.773930549621582,
+              5.698663711547852, 5.71219539642334, 6.069974899291992, 5.944458961486816, 5.8350749015808105,
+              5.6234893798828125, 5.569039344787598],
+    "zero3": [6.238036155700684, 6.137735366821289, 6.051205635070801, 5.9464311599731445, 5.773569107055664,
+              5.6982879638671875, 5.711971282958984, 6.070874214172363, 5.945248126983643, 5.835469722747803,
+              5.623277187347412, 5.568528175354004],
+    "bf16": [6.238731384277344, 6.176569938659668, 5.950660705566406, 5.659603118896484],
+}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -185,6 +198,13 @@ def test_zero2_two_processes_learn_and_report(zero2):
     assert (folder / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_losses_equal_the_recorded_full_logits_losses(name, request):
+    """2 processes, fp32, 2 micro batches a step, tied embeddings; ZeRO-3 loads the folder into partitions."""
+    losses = [m["loss"] for m in read_jsonl(stage_dir(request.getfixturevalue(name)) / "metrics.jsonl")]
+    assert losses == pytest.approx(RECORDED_FULL_LOGITS[name], rel=1e-5, abs=0)
+
+
 def test_ranks_read_different_blocks(zero2, workspace, tmp_path):
     """One process with twice the micro batch reads the same global batch: the losses agree only if the two
     ranks of the ZeRO-2 run read disjoint halves of it (the same half twice would give other losses)."""
@@ -231,6 +251,7 @@ def test_bf16_gradient_checkpointing_accumulation_one_process(workspace, tmp_pat
     metrics = read_jsonl(folder / "metrics.jsonl")
     assert len(metrics) == 4 and all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert [m["loss"] for m in metrics] == pytest.approx(RECORDED_FULL_LOGITS["bf16"], rel=2e-3, abs=0)
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     assert summary["precision"] == "bf16" and summary["global_batch_sequences"] == 8
     assert json.loads((folder / "model" / "config.json").read_text(encoding="utf-8"))["dtype"] == "bfloat16"

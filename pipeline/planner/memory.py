@@ -22,6 +22,7 @@ from typing import Literal
 from pipeline.errors import JpadaptError
 from pipeline.planner.gpus import GIB
 from pipeline.planner.shapes import ModelShape
+from pipeline.training import LOGIT_CHUNK_ELEMENTS  # torch-free at import
 
 Method = Literal["full", "lora", "qlora", "inference"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
@@ -373,7 +374,7 @@ def _activations(shape: ModelShape, s: Setup, trainable_weights: bool) -> list[T
                           f"{held} layer(s) x {per_token:,} B x {tokens:,} tokens",
                           "per adapted linear: fp32 copy of its input (4 B x in), dropout mask (1 B x in; "
                           "none with lora_dropout=0), rank-r intermediate (4 B x r)"))
-    terms.append(_logits_term(shape, s, training=True))
+    terms.append(_logits_term(shape, s, training=True, trainable_head=trainable_weights))
     return terms
 
 
@@ -384,22 +385,32 @@ def _lora_activation_bytes(shape: ModelShape, s: Setup) -> int:
     return sum(5 * l.in_features + 4 * s.lora_rank for l in chosen)
 
 
-def _logits_term(shape: ModelShape, s: Setup, training: bool) -> Term:
-    """Logits over the vocabulary: large for 150k-262k vocabularies at long sequence lengths."""
-    w = s.weight_bytes
-    elements = s.tokens * shape.vocab_size
+def _logits_term(shape: ModelShape, s: Setup, training: bool, trainable_head: bool = True) -> Term:
+    """Logits over the vocabulary: large for 150k-262k vocabularies at long sequence lengths. Training (cpt and
+    sft) runs the output layer in chunks (`pipeline.training.causal_lm_nats`), so only one chunk's logits exist."""
+    w, v, h = s.weight_bytes, shape.vocab_size, shape.hidden_size
+    elements = s.tokens * v
     if not training:  # scoring: logits and their fp32 log-softmax
         per = w + 4
-        return Term("logits and loss", elements * per, f"{s.tokens:,} tokens x {shape.vocab_size:,} vocab x {per} B",
+        return Term("logits and loss", elements * per, f"{s.tokens:,} tokens x {v:,} vocab x {per} B",
                     "logits and fp32 log-softmax")
-    # transformers' ForCausalLMLoss: logits.float() then cross_entropy, which saves the fp32 log-probabilities.
-    # Forward peak: logits (w) + fp32 copy (4, none when already fp32) + log-probabilities (4). Backward peak
-    # (measured on CPU, higher): saved log-probabilities + their gradient from nll_loss + log_softmax's input
-    # gradient, 4 + 4 + 4 (the logits themselves are freed once the model output is dropped).
-    forward = w + (4 if w != 4 else 0) + 4
-    per = max(forward, 12)
-    return Term("logits and loss", elements * per, f"{s.tokens:,} tokens x {shape.vocab_size:,} vocab x {per} B",
-                "peak of the loss's backward: fp32 log-probabilities, their gradient and the logits' gradient")
+    # Per logit of a chunk, as in transformers' ForCausalLMLoss: logits.float() then cross_entropy, which saves the
+    # fp32 log-probabilities. Forward peak: logits (w) + fp32 copy (4, none when already fp32) + log-probabilities
+    # (4). Backward peak (measured on CPU, higher): saved log-probabilities + their gradient from nll_loss +
+    # log_softmax's input gradient, 4 + 4 + 4. Besides the chunk: its gradient of the output layer's weight
+    # (v x h x w, summed into .grad; none for a frozen head), and the hidden states of the scored positions
+    # gathered into one tensor + their gradient (2 x tokens x h x w).
+    per = max(w + (4 if w != 4 else 0) + 4, 12)
+    rows = min(s.tokens, max(1, LOGIT_CHUNK_ELEMENTS // v))
+    head_grad = v * h * w if trainable_head else 0
+    states = 2 * s.tokens * h * w
+    formula = (f"min({s.tokens:,} tokens, {LOGIT_CHUNK_ELEMENTS:,} // {v:,}) = {rows:,} x {v:,} vocab x {per} B"
+               + (f" + {v:,} x {h} x {w} B" if head_grad else "") + f" + 2 x {s.tokens:,} x {h} x {w} B")
+    return Term("logits and loss", rows * v * per + head_grad + states, formula,
+                f"chunked output layer (chunks of {LOGIT_CHUNK_ELEMENTS:,} logits, recomputed in backward): peak of "
+                "one chunk's loss backward (fp32 log-probabilities, their gradient, the logits' gradient)"
+                + (", the chunk's output-layer weight gradient" if head_grad else "")
+                + ", the scored hidden states and their gradient; not tokens x vocab")
 
 
 def _zero_buffers(shape: ModelShape, s: Setup, trainable: int | None = None) -> list[Term]:

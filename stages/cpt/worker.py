@@ -24,6 +24,7 @@ from pipeline.training import (
     checkpoint_hashes,
     decay_groups,
     deepspeed_config,
+    engine_nats,
     grad_norm,
     initialize,
     load_checkpoint,
@@ -208,7 +209,9 @@ class CptRecipe:
             indices = shard_indices(step, micro, self.rank, world=self.world, micro_batch=s.micro_batch_size,
                                     grad_accum=s.grad_accum)
             batch = torch.from_numpy(self.mixture.blocks(indices)).to(self.device)
-            loss = self.engine(input_ids=batch, labels=batch).loss
+            # Every next token is a target: nats / count is transformers' loss, without its full logits.
+            nats, count = engine_nats(self.engine, input_ids=batch, labels=batch)
+            loss = nats / count
             self.engine.backward(loss)
             if micro == s.grad_accum - 1 and s.zero_stage == 0:
                 self.grad_norm = grad_norm(self.engine.module)  # ZeRO-0 does not report it; grads are reduced

@@ -20,6 +20,7 @@ from pipeline.training import (
     METRICS_FILE,
     MetricsLogger,
     append_jsonl,
+    causal_lm_nats,
     decay_groups,
     deepspeed_config,
     grad_norm,
@@ -36,8 +37,6 @@ from stages.sft.job import GROUP_MICRO_BATCHES, SftJob, load_examples
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 EVAL_FILE, GENERATIONS_FILE = "eval.jsonl", "generations.jsonl"
 TRAIN_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s")
-# Logits are computed for at most this many (positions x vocabulary) elements at a time.
-LOGIT_CHUNK_ELEMENTS = 2**26
 # Tokens of the one-time check of the response-only loss against transformers' loss.
 CHECK_TOKENS = 128
 # The adapter, reloaded from its folder, must reproduce the engine's logits to this (same weights, same kernels).
@@ -96,38 +95,10 @@ def build_model(base: str, settings: SftConfig, target_modules: list[str], new_t
 
 
 def response_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-    """(sum of nats over the response tokens, their count) for one batch. The decoder runs on every position;
-    the output layer only on positions whose next token is a response token."""
-    import torch
-
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(causal, causal.base_model_prefix)
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    states, targets = hidden[:, :-1][keep], targets[keep]
-    head = causal.get_output_embeddings()
-    cap = getattr(causal.config, "final_logit_softcapping", None)
-    chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, states.shape[0], chunk):
-        piece = (states[start:start + chunk], targets[start:start + chunk])
-        if torch.is_grad_enabled():
-            # Recomputed in backward: the chunk's logits are never kept.
-            total = total + torch.utils.checkpoint.checkpoint(_chunk_nats, head, cap, *piece, use_reentrant=False)
-        else:
-            total = total + _chunk_nats(head, cap, *piece)
-    return total, int(targets.numel())
-
-
-def _chunk_nats(head: Any, cap: float | None, states: Any, targets: Any) -> Any:
-    import torch
-
-    logits = head(states).float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    """(sum of nats over the response tokens, their count) for one batch: `causal_lm_nats`, which runs the output
+    layer only on positions whose next token is a response token, in chunks."""
+    return causal_lm_nats(model, batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
+                          attention_mask=batch.get("attention_mask"))
 
 
 def batch_tensors(batch: Any, device: Any) -> dict[str, Any]:
