@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from bench.planner_validation import profiled_peak
 from pipeline.planner.memory import Setup, plan_memory
 from pipeline.planner.shapes import shape_from_hf_config
 from pipeline.training import LOGIT_CHUNK_ELEMENTS, causal_lm_nats, output_nats
@@ -48,22 +49,6 @@ def build(precision: str):
 
 def batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-
-
-def profiled_peak(fn) -> int:
-    """Peak of live bytes the CPU allocator held during `fn()` (allocations minus frees, in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()  # warm-up: parameter gradients exist before the measured call
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def step_fn(model, ids, chunked: bool):

@@ -387,11 +387,27 @@ def checkpoint_rows(seq: int = 64) -> list[Row]:
                 planned.term("activations (checkpoints)").bytes, measured, 0.01, "each layer's input")]
 
 
+def profiled_peak(fn) -> int:
+    """Peak of live bytes the CPU allocator held during `fn()` (allocations minus frees, in order), measured on a
+    second call: the first creates the parameter gradients a training step finds already there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def logits_rows(dtype: str = "bfloat16", vocab: int = 4000, tokens: int = 512) -> list[Row]:
     """Peak live bytes of the training loss's output layer (`pipeline.training.output_nats`: lm_head + cross
     entropy in checkpointed chunks, what cpt and sft run) over forward and backward from given hidden states, from
     the profiler's allocation events (CPU allocator), after a warm-up step (the weight's .grad exists)."""
-    from torch.profiler import ProfilerActivity, profile
 
     from pipeline.training import LOGIT_CHUNK_ELEMENTS, output_nats
 
@@ -404,15 +420,7 @@ def logits_rows(dtype: str = "bfloat16", vocab: int = 4000, tokens: int = 512) -
         nats, count = output_nats(model, hidden, labels)
         (nats / count).backward()
 
-    head()  # warm-up: gradients of lm_head and hidden exist before the measured step
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        head()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
+    peak = profiled_peak(head)
     precision = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
     planned = plan_memory(shape_of(spec, "head"), Setup(micro_batch=2, seq_len=tokens // 2, precision=precision))
     term = planned.term("logits and loss")
