@@ -338,8 +338,8 @@ def part_planner(results: dict[str, Any]) -> list[tuple[str, int, int]]:
 
 
 def planner_lines(rows: list[tuple[str, int, int]], gpu: bool) -> list[str]:
-    lines = [f"Planned: the planner's per-GPU terms without its fixed {OVERHEAD!r} allowance, which "
-             "max_memory_allocated does not see; measured: the stage's summary.json peak.", "","| method | planned GiB | measured GiB | error | target | verdict |", "|---|---:|---:|---:|---|---|"]
+    lines = [(f"Planned: the planner's per-GPU terms without its fixed {OVERHEAD!r} allowance, which "
+             "max_memory_allocated does not see; measured: the stage's summary.json peak."), "","| method | planned GiB | measured GiB | error | target | verdict |", "|---|---:|---:|---:|---|---|"]
     for label, planned, measured in rows:
         error = planned / measured - 1
         ok = abs(error) <= TARGETS["planner"]
