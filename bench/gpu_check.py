@@ -75,9 +75,10 @@ def settings(tiny: bool, gpu: bool) -> dict[str, Any]:
         return {"model": TINY, "tokenizer": "llama2", "seq": 64, "micro": 4, "cpt_steps": 4, "docs": 12,
                 "sft_steps": 3, "sft_seq": 512, "sft_micro": 2, "examples": 24, "eval_chars": 2000,
                 "eval_items": 4, "precision": "bf16" if gpu else "fp32"}
-    # 100 x 4 x 2048 = 819,200 tokens per cpt run (~3.5 GFLOPs per token: ~10 s at 40% MFU of 989 TFLOPs); MFU is
-    # taken after the first step. sft: bench/sft.py's GPU defaults (50 steps x 4 x 512).
-    return {"model": QWEN_05B, "tokenizer": "qwen", "seq": 2048, "micro": 4, "cpt_steps": 100, "docs": 2000,
+    # 60 x 8 x 2048 = 983,040 tokens per cpt run (3.5 GFLOPs per token: ~9 s at 40% MFU of 989 TFLOPs; the planner
+    # puts micro batch 8 without checkpointing at ~31 GiB); MFU is taken after the first step. sft: bench/sft.py's
+    # GPU defaults (50 steps x 4 x 512).
+    return {"model": QWEN_05B, "tokenizer": "qwen", "seq": 2048, "micro": 8, "cpt_steps": 60, "docs": 2000,
             "sft_steps": 50, "sft_seq": 512, "sft_micro": 4, "examples": 400, "eval_chars": 20000,
             "eval_items": 100, "precision": "bf16" if gpu else "fp32"}
 
