@@ -376,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (fp32), even where a GPU is present")
     parser.add_argument("--tiny", action="store_true", help="a tiny model, few steps, short sequences")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder of the report")
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: OUT/gpu-check-work)")
+    parser.add_argument("--out", type=Path, default=None, help="folder of the report (default: bench/results)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch folder, emptied first (default: runs/gpu-check, or OUT/gpu-check-work)")
     parser.add_argument("--break", dest="broken", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.broken:
@@ -393,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     slug, described, device = device_info(gpu)
     s = settings(args.tiny, gpu)
-    work = args.work or args.out / "gpu-check-work"
+    work = args.work or (ROOT / "runs" / "gpu-check" if args.out is None else args.out / "gpu-check-work")
+    args.out = args.out or ROOT / "bench" / "results"
     shutil.rmtree(work, ignore_errors=True)
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
