@@ -2,7 +2,7 @@
 is at hand: every part runs the real stages and its section holds numbers; a part that raises is reported and the
 others still run. The full run took 272 s on 2 cores shared with other jobs (load ~4; most of it the start-up of
 two cpt launches and three sft sides, each a fresh process importing torch, transformers and DeepSpeed); the
-broken run 16 s. It stays in the default suite so that the GPU check cannot rot.
+broken run 16 s; the same run alone took 1.6 min (bench/results/gpu-cpu.md). It stays in the default suite so that the GPU check cannot rot.
 """
 
 from __future__ import annotations
