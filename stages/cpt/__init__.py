@@ -47,7 +47,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     accelerator = pick_accelerator("cpt", settings.accelerator, settings.num_gpus, settings.precision)
     _check_seq_len(cfg)
     check_plan(cfg, "cpt", ctx)
-    check_launch(settings, "cpt")
+    check_launch(settings, "cpt", ctx.node)
     prepared = ctx.artifact("prepare")
     tokenizer, tokenizer_dir = _tokenizer(cfg, extended, ctx.out_dir)
     _check_vocab(_trained_model(cfg, extended), tokenizer)
@@ -55,7 +55,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     steps = _total_steps(cfg)
     _warn_repeats(cfg, tokens, steps, ctx)
     job = _job(cfg, ctx, prepared, extended, tokenizer_dir, tokens, steps, accelerator)
-    run_workers(WORKER, job, ctx.out_dir / JOB, settings, accelerator, ctx.log)
+    run_workers(WORKER, job, ctx.out_dir / JOB, settings, accelerator, ctx.log, ctx.node)
 
     from stages.cpt.report import write_report
 
