@@ -43,9 +43,21 @@ def start_node(config: Path, rank: int, log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def descendants(pid: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    children = [child for child, parent in parents.items() if parent == pid]
+    return children + [grandchild for child in children for grandchild in descendants(child)]
+
+
 def wait_all(nodes: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> list[int]:
     deadline = time.monotonic() + timeout
-    while any(node.poll() is None for node in nodes):
+    while None in [node.poll() for node in nodes]:  # every one reaped (a zombie still answers kill(pid, 0))
         if time.monotonic() > deadline:
             for node in nodes:
                 if node.poll() is None:
@@ -107,7 +119,9 @@ def test_sigkill_of_one_node_stops_both_and_the_rerun_resumes(workspace, tmp_pat
     while not 0 < newest_checkpoint(out) < logged_steps(out):
         assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs[0].read_text()
         time.sleep(0.1)
-    os.killpg(nodes[1].pid, signal.SIGKILL)  # node 1: its jpadapt, torchrun and worker
+    # Node 1 dies: its jpadapt, torchrun and worker (torchrun starts the worker in a session of its own).
+    for pid in [nodes[1].pid, *descendants(nodes[1].pid)]:
+        os.kill(pid, signal.SIGKILL)
     codes = wait_all(nodes, logs, timeout=120)
     assert codes[0] != 0  # node 0's worker lost its peer: the stage failed, its checkpoints stay
     assert state_of(jpadapt("status", str(config), cwd=out).stdout, "cpt") == "incomplete"
