@@ -2,7 +2,8 @@
 
 The stage process (`run`) checks everything it can before any GPU is touched, tokenizes the prepared train
 shards once (cached by content under `runs/<name>/.cache/cpt-tokens/`), writes `job.json` and starts the
-training job as a subprocess: one process, or DeepSpeed's launcher for several GPUs or nodes
+training job as a subprocess: one process, DeepSpeed's launcher for several GPUs or nodes, or torchrun for
+this node's GPUs when the cluster starts one `jpadapt` per node (`--node-rank`)
 (`pipeline/launch.py`). Every rank runs the worker (`python -m stages.cpt.worker job.json`, `worker.py`),
 told what to do by the typed job in `job.py`.
 
