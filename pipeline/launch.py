@@ -115,10 +115,9 @@ def launch_command(module: str, args: list[str], settings: LaunchSettings, accel
 
 
 def check_launch(settings: LaunchSettings, section: str, node: Node | None = None) -> None:
-    """Problems that would otherwise surface minutes later inside the launcher or the first all-reduce."""
-    if node is not None:
-        return  # the rendezvous port is on node 0, which may not be this machine
-    if settings.num_nodes > 1:
+    """Problems that would otherwise surface minutes later inside the launcher or the first all-reduce. `node`:
+    node 0 of a per-node launch (nodes K > 0 only join, `Pipeline.join`)."""
+    if node is None and settings.num_nodes > 1:
         if settings.hostfile is None:
             raise JpadaptError(
                 f"{section}.num_nodes is {settings.num_nodes}: start `jpadapt` on every node with --node-rank and "
@@ -126,7 +125,7 @@ def check_launch(settings: LaunchSettings, section: str, node: Node | None = Non
                 f"{section}.hostfile for DeepSpeed's ssh launcher"
             )
         _check_hostfile(settings, section)
-    elif not port_free(settings.master_port):
+    elif not port_free(settings.master_port):  # on node 0 of a per-node launch (it hosts the rendezvous) too
         raise JpadaptError(
             f"{section}.master_port: port {settings.master_port} is in use on this machine (another training "
             f"job?); pick a free one, e.g. {section}.master_port={free_port()}"

@@ -75,7 +75,12 @@ def test_a_per_node_launch_runs_torchrun_for_this_nodes_processes():
                         "--rdzv_conf", f"timeout={JOIN_TIMEOUT_S}", "-m", "stages.cpt.worker", "job.json"]
     assert job.world_size == 12 and job.env["DS_ACCELERATOR"] == "cuda"
     assert job.env["JPADAPT_PARENT_PID"] == str(os.getpid())  # not job.json's pid, node 0's process
-    check_launch(Settings(4, 3, None, 29601), "cpt", Node(2, "node-a"))  # no hostfile, no port on this machine
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(JpadaptError, match=f"cpt.master_port: port {port} is in use"):  # no hostfile needed
+            check_launch(Settings(4, 3, None, port), "cpt", Node(0, "node-a"))  # node 0 hosts the rendezvous
 
 
 def test_the_node_comes_from_the_flags_or_the_schedulers_environment():
