@@ -226,8 +226,11 @@ class Pipeline:
         settings: Any = self.cfg.section(name)
         accelerator = pick_accelerator(name, settings.accelerator, settings.num_gpus, settings.precision)
         log = logging.getLogger(f"jpadapt.{name}")
-        join_workers(str(self.specs[name].worker), self.rundir.partial_dir(name) / JOB, settings, accelerator,
-                     node, log)
+        job = self.rundir.partial_dir(name) / JOB
+        returncode = join_workers(str(self.specs[name].worker), job, settings, accelerator, node, log)
+        if returncode != 0:
+            raise StageCrashed(f"{name}: node {node.rank}'s workers exited with code {returncode} (their output is "
+                               f"above; a worker's traceback is in {display_path(job.parent / LOG)})")
         self._say(f"{name}: node {node.rank} done (node 0 commits the stage)")
 
     def _check_inputs(self, plan: list[str]) -> None:

@@ -113,17 +113,17 @@ def run_workers(module: str, job: BaseModel, job_file: Path, settings: Any, acce
     check_job(job_file.parent, run_job(launch_command(module, [str(job_file)], settings, accelerator, node), log))
 
 
-def join_workers(module: str, job_file: Path, settings: Any, accelerator: str, node: Any, log: Any) -> None:
-    """Node K > 0 of a per-node launch: run this node's ranks of node 0's job. They read `job_file` only after
-    the rendezvous, which node 0 joins after writing it, so they never read a previous attempt's job."""
+def join_workers(module: str, job_file: Path, settings: Any, accelerator: str, node: Any, log: Any) -> int:
+    """Node K > 0 of a per-node launch: run this node's ranks of node 0's job; their exit code, or a worker's
+    JpadaptError. They read `job_file` only after the rendezvous, which node 0 joins after writing it, so they
+    never read a previous attempt's job."""
     from pipeline.launch import launch_command, run_job
 
     returncode = run_job(launch_command(module, [str(job_file)], settings, accelerator, node), log)
     error = job_file.parent / ERROR_FILE
     if error.is_file():
         raise JpadaptError(error.read_text(encoding="utf-8").strip())
-    if returncode != 0:
-        raise RuntimeError(f"node {node.rank}: the training job exited with code {returncode} (its output is above)")
+    return returncode
 
 
 def load_job(job_type: type[JobT], path: Path) -> JobT:

@@ -110,7 +110,8 @@ def test_a_node_started_before_the_prerequisites_are_done_says_so(workspace, tmp
     assert not partial_dir(out).exists()
 
 
-def test_sigkill_of_one_node_stops_both_and_the_rerun_resumes(workspace, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("killed", [0, 1])
+def test_sigkill_of_one_node_stops_both_and_the_rerun_resumes(killed, workspace, tmp_path):  # noqa: F811
     out = tmp_path / "killed"
     config = two_node_config(workspace, out)
     logs = [tmp_path / f"first-node{rank}.log" for rank in (0, 1)]
@@ -119,12 +120,15 @@ def test_sigkill_of_one_node_stops_both_and_the_rerun_resumes(workspace, tmp_pat
     while not 0 < newest_checkpoint(out) < logged_steps(out):
         assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs[0].read_text()
         time.sleep(0.1)
-    # Node 1 dies: its jpadapt, torchrun and worker (torchrun starts the worker in a session of its own).
-    for pid in [nodes[1].pid, *descendants(nodes[1].pid)]:
+    # The node dies: its jpadapt, torchrun and worker (torchrun starts the worker in a session of its own).
+    for pid in [nodes[killed].pid, *descendants(nodes[killed].pid)]:
         os.kill(pid, signal.SIGKILL)
     codes = wait_all(nodes, logs, timeout=120)
-    assert codes[0] != 0  # node 0's worker lost its peer: the stage failed, its checkpoints stay
-    assert state_of(jpadapt("status", str(config), cwd=out).stdout, "cpt") == "incomplete"
+    survivor = 1 - killed
+    assert codes[survivor] == 1  # its worker lost its peer at the next collective
+    if survivor == 1:
+        assert "error: cpt: node 1's workers exited with code 1" in logs[1].read_text()
+    assert state_of(jpadapt("status", str(config), cwd=out).stdout, "cpt") == "incomplete"  # checkpoints kept
 
     node0, _ = run_two_nodes(config, tmp_path, "rerun")
     assert "resuming from step0000000" in node0
