@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from pipeline.errors import JpadaptError
+from pipeline.launch import node_from
 from pipeline.paths import display_path, resolve_files
 from pipeline.runner import ABSENT, DISABLED, UP_TO_DATE, Pipeline, StageCrashed, StageInterrupted, available_stages
 
@@ -86,7 +87,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     cfg, _ = _load(args)
-    pipeline = Pipeline(cfg)
+    node = None
+    if hasattr(args, "node_rank"):  # a stage that runs on several nodes
+        node = node_from(cfg.section(args.command), args.command, args.node_rank, args.master_addr, dict(os.environ))
+    pipeline = Pipeline(cfg, node=node)
+    if node is not None and node.rank > 0:
+        pipeline.join(args.command, node, force=args.force)
+        return 0
     ran = pipeline.execute([args.command], force={args.command} if args.force else set(), only=args.only)
     _finish(pipeline, ran)
     return 0
@@ -261,6 +268,16 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     ad_hoc.add_argument("--json", action="store_true", help="every term in bytes, as JSON")
 
 
+# Training stages a cluster can start once per node (`--node-rank`, `--master-addr`).
+PER_NODE = ("cpt", "sft")
+
+
+def _node_rank(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a node rank 0, 1, ..., got {text!r}")
+    return int(text)
+
+
 def _fraction(text: str) -> float:
     value = _number(text)
     if not 0 < value <= 1:
@@ -382,6 +399,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
         _add_common(stage)
         stage.add_argument("--only", action="store_true", help="do not run out-of-date prerequisites")
         stage.add_argument("--force", action="store_true", help="rerun this stage even if up to date")
+        if spec.name in PER_NODE:
+            stage.add_argument("--node-rank", type=_node_rank, metavar="K",
+                               help="this node's rank when the cluster starts one jpadapt per node (default: "
+                                    "NODE_RANK or SLURM_NODEID); node 0 runs the stage, the others join")
+            stage.add_argument("--master-addr", metavar="HOST", help="node 0's address (default: MASTER_ADDR)")
         commands[spec.name] = cmd_stage
         if spec.name == "plan":
             _add_plan_arguments(stage)

@@ -201,7 +201,8 @@ class CptConfig(StageSection):
     offload_params: bool = Field(False, description="ZeRO-3 only.")
     num_gpus: int = Field(1, ge=1, description="Processes per node.")
     num_nodes: int = Field(1, ge=1)
-    hostfile: str | None = Field(None, description="DeepSpeed hostfile, needed when num_nodes > 1.")
+    hostfile: str | None = Field(
+        None, description="DeepSpeed hostfile for its ssh launcher (num_nodes > 1 without per-node launch).")
     master_port: int = Field(29500, ge=1024, le=65535)
     accelerator: Literal["auto", "cuda", "cpu"] = "auto"
     eval_every: int = Field(100, ge=1, description="Steps between points of the JA/EN forgetting curve.")
@@ -220,8 +221,6 @@ class CptConfig(StageSection):
     def _consistent(self) -> CptConfig:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
-        if self.num_nodes > 1 and self.hostfile is None:
-            raise ValueError("num_nodes > 1 needs a hostfile listing the nodes")
         if self.max_steps is None and self.train_tokens is None:
             raise ValueError("give max_steps or train_tokens (how long to train)")
         return self
@@ -296,7 +295,8 @@ class SftConfig(StageSection):
     gradient_checkpointing: bool = True
     num_gpus: int = Field(1, ge=1, description="Data-parallel processes (DeepSpeed ZeRO).")
     num_nodes: int = Field(1, ge=1)
-    hostfile: str | None = Field(None, description="DeepSpeed hostfile, needed when num_nodes > 1.")
+    hostfile: str | None = Field(
+        None, description="DeepSpeed hostfile for its ssh launcher (num_nodes > 1 without per-node launch).")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="2 shards the adapters' gradients and optimizer states.")
     master_port: int = Field(29510, ge=1024, le=65535)
     accelerator: Literal["auto", "cuda", "cpu"] = "auto"
@@ -318,8 +318,6 @@ class SftConfig(StageSection):
         if self.zero_stage == 3:
             raise ValueError("sft runs ZeRO 0-2: the adapters are small, so ZeRO-3's parameter sharding would only "
                              "add gathers to every layer; use zero_stage 2")
-        if self.num_nodes > 1 and self.hostfile is None:
-            raise ValueError("num_nodes > 1 needs a hostfile listing the nodes")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is empty: name module names, or use all-linear")
         return self

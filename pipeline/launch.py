@@ -11,6 +11,12 @@ command), run by this module (`python -m pipeline.launch`) so that Ctrl-C does n
 without a shell. On CPU, `--num_gpus` must be given even on one node (DeepSpeed's CPU
 "device count" is the number of NUMA nodes) and `DS_ACCELERATOR=cpu` selects gloo.
 
+Per-node launch (`Node`): clusters that start one `jpadapt` per node themselves (Slurm, PBS, Kubernetes; no ssh
+between nodes) give each its node rank and the rendezvous host, as `--node-rank/--master-addr` or in the
+environment (`NODE_RANK` or `SLURM_NODEID`, and `MASTER_ADDR`). Each node then runs torchrun for its own
+`num_gpus` processes, which waits at `master_addr:master_port` until every node has joined (static rendezvous).
+The ssh launcher above stays for a configured hostfile without a node rank.
+
 What the processes do once started (process group, DeepSpeed config, metrics) is `pipeline/training.py`.
 """
 
@@ -41,6 +47,40 @@ class LaunchSettings(Protocol):
     master_port: int
 
 
+# How long a node waits at the rendezvous for the others: node 0 joins only after it has tokenized the data.
+JOIN_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class Node:
+    """This process's place in a per-node launch: node `rank` of `num_nodes`, rendezvous at `master_addr`."""
+
+    rank: int
+    master_addr: str
+
+
+def node_from(settings: LaunchSettings, section: str, rank: int | None, master_addr: str | None,
+              environ: dict[str, str]) -> Node | None:
+    """The node this `jpadapt` runs as: the flags, else the scheduler's variables (not when a hostfile asks for
+    the ssh launcher). None for one node or the ssh launcher."""
+    if settings.num_nodes == 1:
+        if rank is not None:
+            raise JpadaptError(f"--node-rank: {section}.num_nodes is 1")
+        return None
+    if rank is None and settings.hostfile is None:
+        found = environ.get("NODE_RANK", environ.get("SLURM_NODEID", ""))
+        rank = int(found) if found.isdigit() else None
+    if rank is None:
+        return None
+    if rank >= settings.num_nodes:
+        raise JpadaptError(f"--node-rank {rank}: {section}.num_nodes is {settings.num_nodes} (ranks 0 to "
+                           f"{settings.num_nodes - 1})")
+    master_addr = master_addr or environ.get("MASTER_ADDR")
+    if not master_addr:
+        raise JpadaptError(f"node rank {rank}: give the rendezvous host (node 0) as --master-addr or MASTER_ADDR")
+    return Node(rank, master_addr)
+
+
 @dataclass(frozen=True)
 class Job:
     argv: list[str]
@@ -48,10 +88,20 @@ class Job:
     world_size: int = 1
 
 
-def launch_command(module: str, args: list[str], settings: LaunchSettings, accelerator: str) -> Job:
-    """The command that runs `python -m module args...` on every rank. `accelerator` is "cpu" or "cuda"."""
+def launch_command(module: str, args: list[str], settings: LaunchSettings, accelerator: str,
+                   node: Node | None = None) -> Job:
+    """The command that runs `python -m module args...` on every rank (on this node's ranks for a per-node
+    launch). `accelerator` is "cpu" or "cuda"."""
     env = {"DS_ACCELERATOR": accelerator, "PYTHONUNBUFFERED": "1"}
     world = settings.num_gpus * settings.num_nodes
+    if node is not None:
+        # The workers watch this process, not the pid in job.json (node 0's `jpadapt`, on another machine).
+        env["JPADAPT_PARENT_PID"] = str(os.getpid())
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(settings.num_nodes),
+                "--nproc_per_node", str(settings.num_gpus), "--node_rank", str(node.rank),
+                "--master_addr", node.master_addr, "--master_port", str(settings.master_port),
+                "--rdzv_conf", f"timeout={JOIN_TIMEOUT_S}"]
+        return Job([*argv, "-m", module, *args], env, world)
     if world == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(settings.master_port))
@@ -64,11 +114,18 @@ def launch_command(module: str, args: list[str], settings: LaunchSettings, accel
     return Job([*argv, "--module", module, *args], env, world)
 
 
-def check_launch(settings: LaunchSettings, section: str) -> None:
-    """Problems that would otherwise surface minutes later inside the launcher or the first all-reduce."""
-    if settings.num_nodes > 1:
+def check_launch(settings: LaunchSettings, section: str, node: Node | None = None) -> None:
+    """Problems that would otherwise surface minutes later inside the launcher or the first all-reduce. `node`:
+    node 0 of a per-node launch (nodes K > 0 only join, `Pipeline.join`)."""
+    if node is None and settings.num_nodes > 1:
+        if settings.hostfile is None:
+            raise JpadaptError(
+                f"{section}.num_nodes is {settings.num_nodes}: start `jpadapt` on every node with --node-rank and "
+                f"--master-addr (or the scheduler's NODE_RANK/SLURM_NODEID and MASTER_ADDR), or set "
+                f"{section}.hostfile for DeepSpeed's ssh launcher"
+            )
         _check_hostfile(settings, section)
-    elif not port_free(settings.master_port):
+    elif not port_free(settings.master_port):  # on node 0 of a per-node launch (it hosts the rendezvous) too
         raise JpadaptError(
             f"{section}.master_port: port {settings.master_port} is in use on this machine (another training "
             f"job?); pick a free one, e.g. {section}.master_port={free_port()}"

@@ -18,9 +18,10 @@ from pipeline.config import PipelineConfig, resolved_yaml
 from pipeline.errors import JpadaptError
 from pipeline.fingerprint import ConfigView, explain_change, fingerprint, stage_state
 from pipeline.hashing import HashCache
+from pipeline.launch import Node
 from pipeline.paths import display_path
 from pipeline.rundir import RunDir, now_iso
-from pipeline.stage import BOOKKEEPING, LOG, StageContext, StageSpec
+from pipeline.stage import BOOKKEEPING, JOB, LOG, StageContext, StageSpec
 
 UP_TO_DATE = "up to date"
 STALE = "stale"
@@ -67,9 +68,11 @@ class Pipeline:
     """One pipeline YAML bound to its run directory."""
 
     def __init__(self, cfg: PipelineConfig, specs: list[StageSpec] | None = None, out: TextIO | None = None,
-                 verify: bool = False):
-        """`verify`: re-hash every file instead of trusting the hash cache."""
+                 verify: bool = False, node: Node | None = None):
+        """`verify`: re-hash every file instead of trusting the hash cache. `node`: node 0 of a per-node launch
+        (the stages it runs launch this node's ranks); node K > 0 runs `join`, not `execute`."""
         self.cfg = cfg
+        self.node = node
         self.specs = {spec.name: spec for spec in _ordered(specs if specs is not None else available_stages())}
         self.rundir = RunDir(Path(cfg.run.output_dir) / cfg.run.name)
         self.cache = HashCache(self.rundir.root / ".cache" / "hashes.json", verify=verify)
@@ -202,6 +205,34 @@ class Pipeline:
             self.cache.save()
             self.rundir.unlock()
 
+    def join(self, name: str, node: Node, force: bool = False) -> None:
+        """Node K > 0 of a per-node launch of training stage `name`: run this node's ranks of the job node 0
+        launches. Node 0 alone takes the run directory's lock, prepares the stage (tokenizing, job.json) and
+        commits it; this process takes no lock and writes nothing itself, so any number of nodes can share
+        the run directory. The stages before `name` must be done already: node 0 would run them first,
+        while these ranks wait for a job that is not there yet."""
+        from pipeline.training import join_workers, pick_accelerator
+
+        states: dict[str, StageStatus] = {}
+        for stage in self.closure(name)[:-1]:
+            status = self.status(stage, states)
+            states[stage] = status
+            if status.state != UP_TO_DATE:
+                raise JpadaptError(f"node {node.rank}: stage {stage} is {status.state}; run it (e.g. `jpadapt "
+                                   f"{name} CONFIG` on one node) before starting {name} on every node")
+        if self.status(name, states).state == UP_TO_DATE and not force:
+            self._say(f"{name}: up to date")  # node 0 finds it so too and launches nothing
+            return
+        settings: Any = self.cfg.section(name)
+        accelerator = pick_accelerator(name, settings.accelerator, settings.num_gpus, settings.precision)
+        log = logging.getLogger(f"jpadapt.{name}")
+        job = self.rundir.partial_dir(name) / JOB
+        returncode = join_workers(str(self.specs[name].worker), job, settings, accelerator, node, log)
+        if returncode != 0:
+            raise StageCrashed(f"{name}: node {node.rank}'s workers exited with code {returncode} (their output is "
+                               f"above; a worker's traceback is in {display_path(job.parent / LOG)})")
+        self._say(f"{name}: node {node.rank} done (node 0 commits the stage)")
+
     def _check_inputs(self, plan: list[str]) -> None:
         """Resolve every planned stage's external files first: a missing file stops the command before any
         stage runs, not after an hour of the stages before it."""
@@ -231,6 +262,7 @@ class Pipeline:
             resuming=resuming,
             forced=forced,
             prerequisites={r: self.rundir.stage_dir(r) for r in self.reads(name)},
+            node=self.node,
         )
         started, clock = now_iso(), time.monotonic()
         try:

@@ -18,6 +18,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import JpadaptError
 
 if TYPE_CHECKING:
+    from pipeline.launch import Node
     from pipeline.reportkit import Section, SectionContext
 
 # Bookkeeping files in a stage directory that are not outputs (they hold times, pids, logs, and the attempt's
@@ -98,6 +99,7 @@ class StageContext:
     resuming: bool = False
     forced: bool = False  # `--force`: rerun even if up to date, and launch even if the plan says it will not fit
     prerequisites: dict[str, Path] = field(default_factory=dict)
+    node: Node | None = None  # node 0 of a per-node launch (`jpadapt cpt --node-rank 0`): launch this node's ranks
 
     def run_relative(self, path: Path) -> str:
         """How an output names a folder of this run (`stages/cpt/model`): relative to the run directory, with the

@@ -103,13 +103,27 @@ def job_context(ctx: Any, accelerator: str, total_steps: int) -> JobContext:
                       parent_pid=os.getpid(), accelerator=accelerator, total_steps=total_steps)
 
 
-def run_workers(module: str, job: BaseModel, job_file: Path, settings: Any, accelerator: str, log: Any) -> None:
-    """Write the job, run `python -m module job_file` on every rank (`pipeline.launch`), wait, and turn what
-    the workers left behind into the stage's outcome (`check_job`)."""
+def run_workers(module: str, job: BaseModel, job_file: Path, settings: Any, accelerator: str, log: Any,
+                node: Any = None) -> None:
+    """Write the job, run `python -m module job_file` on every rank (`pipeline.launch`; this node's ranks for
+    a per-node launch), wait, and turn what the workers left behind into the stage's outcome (`check_job`)."""
     from pipeline.launch import launch_command, run_job
 
     save_job(job, job_file)
-    check_job(job_file.parent, run_job(launch_command(module, [str(job_file)], settings, accelerator), log))
+    check_job(job_file.parent, run_job(launch_command(module, [str(job_file)], settings, accelerator, node), log))
+
+
+def join_workers(module: str, job_file: Path, settings: Any, accelerator: str, node: Any, log: Any) -> int:
+    """Node K > 0 of a per-node launch: run this node's ranks of node 0's job; their exit code, or a worker's
+    JpadaptError. They read `job_file` only after the rendezvous, which node 0 joins after writing it, so they
+    never read a previous attempt's job."""
+    from pipeline.launch import launch_command, run_job
+
+    returncode = run_job(launch_command(module, [str(job_file)], settings, accelerator, node), log)
+    error = job_file.parent / ERROR_FILE
+    if error.is_file():
+        raise JpadaptError(error.read_text(encoding="utf-8").strip())
+    return returncode
 
 
 def load_job(job_type: type[JobT], path: Path) -> JobT:
@@ -188,7 +202,7 @@ def start_worker(context: JobContext) -> Rank:
     import deepspeed
     import torch
 
-    exit_with_parent(context.parent_pid)
+    exit_with_parent(int(os.environ.get("JPADAPT_PARENT_PID", context.parent_pid)))  # set on per-node launch
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = context.accelerator == "cuda"
     if cuda:

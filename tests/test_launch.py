@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import pickle
 import re
 import shutil
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.errors import JpadaptError
-from pipeline.launch import check_launch, launch_command, port_free
+from pipeline.launch import JOIN_TIMEOUT_S, Node, check_launch, launch_command, node_from, port_free
 from pipeline.training import (
     ERROR_FILE,
     TENSORBOARD_DIR,
@@ -65,6 +66,43 @@ def test_several_processes_go_through_the_deepspeed_launcher(tmp_path):
     assert job.argv[-3:] == ["--module", "stages.cpt.worker", "job.json"]
     assert job.world_size == 16 and job.env["DS_ACCELERATOR"] == "cuda"
     assert "RANK" not in job.env  # the launcher sets them per process
+
+
+def test_a_per_node_launch_runs_torchrun_for_this_nodes_processes():
+    job = launch_command("stages.cpt.worker", ["job.json"], Settings(4, 3, None, 29601), "cuda", Node(2, "node-a"))
+    assert job.argv == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "3", "--nproc_per_node", "4",
+                        "--node_rank", "2", "--master_addr", "node-a", "--master_port", "29601",
+                        "--rdzv_conf", f"timeout={JOIN_TIMEOUT_S}", "-m", "stages.cpt.worker", "job.json"]
+    assert job.world_size == 12 and job.env["DS_ACCELERATOR"] == "cuda"
+    assert job.env["JPADAPT_PARENT_PID"] == str(os.getpid())  # not job.json's pid, node 0's process
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(JpadaptError, match=f"cpt.master_port: port {port} is in use"):  # no hostfile needed
+            check_launch(Settings(4, 3, None, port), "cpt", Node(0, "node-a"))  # node 0 hosts the rendezvous
+
+
+def test_the_node_comes_from_the_flags_or_the_schedulers_environment():
+    two = Settings(2, 2)
+    assert node_from(two, "cpt", 1, "10.0.0.1", {"NODE_RANK": "0", "MASTER_ADDR": "x"}) == Node(1, "10.0.0.1")
+    assert node_from(two, "cpt", None, None, {"NODE_RANK": "1", "MASTER_ADDR": "h0"}) == Node(1, "h0")  # torchrun
+    assert node_from(two, "cpt", None, None, {"SLURM_NODEID": "0", "MASTER_ADDR": "h0"}) == Node(0, "h0")
+    assert node_from(two, "cpt", None, None, {}) is None  # then check_launch asks for a rank or a hostfile
+    with pytest.raises(JpadaptError, match=r"start `jpadapt` on every node with --node-rank"):
+        check_launch(two, "cpt")
+    # A hostfile keeps DeepSpeed's ssh launcher inside a Slurm allocation; the flag still wins.
+    with_hosts = Settings(2, 2, "hosts")
+    assert node_from(with_hosts, "cpt", None, None, {"SLURM_NODEID": "0", "MASTER_ADDR": "h0"}) is None
+    assert node_from(with_hosts, "cpt", 0, "h0", {}) == Node(0, "h0")
+    # One node ignores a scheduler's variables but refuses the flag.
+    assert node_from(Settings(), "cpt", None, None, {"SLURM_NODEID": "0"}) is None
+    with pytest.raises(JpadaptError, match="--node-rank: cpt.num_nodes is 1"):
+        node_from(Settings(), "cpt", 0, "h0", {})
+    with pytest.raises(JpadaptError, match=r"--node-rank 2: sft.num_nodes is 2 \(ranks 0 to 1\)"):
+        node_from(two, "sft", 2, "h0", {})
+    with pytest.raises(JpadaptError, match="node rank 1: give the rendezvous host"):
+        node_from(two, "cpt", 1, None, {})
 
 
 def test_hostfile_is_checked(tmp_path):

@@ -2,7 +2,8 @@
 
 The stage process (`run`) checks everything it can before any GPU is touched, tokenizes the prepared train
 shards once (cached by content under `runs/<name>/.cache/cpt-tokens/`), writes `job.json` and starts the
-training job as a subprocess: one process, or DeepSpeed's launcher for several GPUs or nodes
+training job as a subprocess: one process, DeepSpeed's launcher for several GPUs or nodes, or torchrun for
+this node's GPUs when the cluster starts one `jpadapt` per node (`--node-rank`)
 (`pipeline/launch.py`). Every rank runs the worker (`python -m stages.cpt.worker job.json`, `worker.py`),
 told what to do by the typed job in `job.py`.
 
@@ -47,7 +48,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     accelerator = pick_accelerator("cpt", settings.accelerator, settings.num_gpus, settings.precision)
     _check_seq_len(cfg)
     check_plan(cfg, "cpt", ctx)
-    check_launch(settings, "cpt")
+    check_launch(settings, "cpt", ctx.node)
     prepared = ctx.artifact("prepare")
     tokenizer, tokenizer_dir = _tokenizer(cfg, extended, ctx.out_dir)
     _check_vocab(_trained_model(cfg, extended), tokenizer)
@@ -55,7 +56,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     steps = _total_steps(cfg)
     _warn_repeats(cfg, tokens, steps, ctx)
     job = _job(cfg, ctx, prepared, extended, tokenizer_dir, tokens, steps, accelerator)
-    run_workers(WORKER, job, ctx.out_dir / JOB, settings, accelerator, ctx.log)
+    run_workers(WORKER, job, ctx.out_dir / JOB, settings, accelerator, ctx.log, ctx.node)
 
     from stages.cpt.report import write_report
 

@@ -46,7 +46,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     settings = cfg.sft
     accelerator = pick_accelerator("sft", settings.accelerator, settings.num_gpus, settings.precision)
     check_plan(cfg, "sft", ctx)
-    check_launch(settings, "sft")
+    check_launch(settings, "sft", ctx.node)
     base, base_name = _base_model(cfg, ctx)
     tokenizer, prompt_format = _tokenizer(cfg, base, ctx.out_dir / "adapter")
     target_modules = _check_model(cfg, base, tokenizer)
@@ -68,7 +68,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         sft=settings,
         jpadapt_version=__version__,
     )
-    run_workers(WORKER, job, ctx.out_dir / JOB, settings, accelerator, ctx.log)
+    run_workers(WORKER, job, ctx.out_dir / JOB, settings, accelerator, ctx.log, ctx.node)
 
     from stages.sft.report import write_report
 
