@@ -18,27 +18,11 @@ from pipeline.cli import build_parser
 from pipeline.config import DEFAULT_CONFIG
 from pipeline.runner import available_stages
 from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, run_cli, state_of
+from tests.helpers.configs import GOOD, small_config
 
 DEMO = DEFAULT_CONFIG.read_text(encoding="utf-8")
 
 
-def small_config(tmp_path: Path, ja_lines: list[bytes], extra: str = "") -> Path:
-    (tmp_path / "ja.jsonl").write_bytes(b"".join(ja_lines))
-    config = (
-        "# test pipeline\nrun:\n  name: t\n  output_dir: runs\n"
-        "data:\n  ja:\n    train: ja.jsonl\n"
-        "prepare:\n  min_chars: 5\n  heldout_fraction: 0.5\n" + extra
-    )
-    path = tmp_path / "p.yaml"
-    path.write_text(config, encoding="utf-8")
-    return path
-
-
-def doc(text: str, id_: str) -> bytes:
-    return (json.dumps({"id": id_, "text": text}, ensure_ascii=False) + "\n").encode()
-
-
-GOOD = [doc(f"これは{i}番目の文書です。日本語の文章がここに続きます。" * 3, f"d{i}") for i in range(40)]
 
 
 def test_parser_and_command_map_agree() -> None:

@@ -22,24 +22,11 @@ import pytest
 from pipeline.errors import JpadaptError
 from pipeline.yamlio import MAX_CONFIG_BYTES, MAX_VALUES, parse_yaml
 from tests.helpers.cli import REPO, assert_one_line_error, run_cli, state_of
-
-GOOD = [
-    json.dumps({"id": f"d{i}", "text": f"これは{i}番目の文書です。日本語の文章がここに続きます。" * 3},
-               ensure_ascii=False) for i in range(40)
-]
-
-
-def small_config(tmp_path: Path, extra: str = "") -> Path:
-    """A prepare-only pipeline on 40 tiny Japanese documents: seconds, in process."""
-    (tmp_path / "ja.jsonl").write_text("\n".join(GOOD) + "\n", encoding="utf-8")
-    path = tmp_path / "p.yaml"
-    path.write_text("run:\n  name: t\n  output_dir: runs\ndata:\n  ja:\n    train: ja.jsonl\n"
-                    "prepare:\n  min_chars: 5\n  heldout_fraction: 0.5\n" + extra, encoding="utf-8")
-    return path
+from tests.helpers.configs import GOOD, small_config
 
 
 def prepared(tmp_path: Path, extra: str = "") -> Path:
-    path = small_config(tmp_path, extra)
+    path = small_config(tmp_path, GOOD, extra)
     result = run_cli("prepare", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return path
@@ -73,7 +60,7 @@ def test_an_alias_bomb_is_refused_at_once_naming_the_file(tmp_path: Path, where:
 
 
 def test_aliases_that_expand_to_a_normal_config_still_work(tmp_path: Path) -> None:
-    (tmp_path / "ja.jsonl").write_text("\n".join(GOOD) + "\n", encoding="utf-8")
+    (tmp_path / "ja.jsonl").write_bytes(b"".join(GOOD))
     path = tmp_path / "p.yaml"
     path.write_text(HEADER + "prepare: &p {min_chars: 5, heldout_fraction: 0.5}\n", encoding="utf-8")
     assert run_cli("validate", str(path), cwd=tmp_path).returncode == 0
@@ -188,7 +175,7 @@ def _fake_running_attempt(run_dir: Path, pid: int) -> None:
 
 
 def test_a_dead_attempt_whose_pid_was_reused_does_not_block_the_run(tmp_path: Path) -> None:
-    path = small_config(tmp_path)
+    path = small_config(tmp_path, GOOD)
     run_dir = tmp_path / "runs" / "t"
     # The attempt was SIGKILLed; its pid now belongs to an unrelated live process (here: this test itself).
     _fake_running_attempt(run_dir, os.getpid())
@@ -211,7 +198,7 @@ time.sleep(60)
 
 
 def test_an_attempt_of_a_command_that_holds_the_lock_is_running(tmp_path: Path) -> None:
-    path = small_config(tmp_path)
+    path = small_config(tmp_path, GOOD)
     run_dir = tmp_path / "runs" / "t"
     run_dir.mkdir(parents=True)
     holder = subprocess.Popen(
@@ -251,7 +238,7 @@ def test_an_incomplete_manifest_counts_as_not_finished(tmp_path: Path, manifest:
 
 
 def test_a_damaged_attempt_file_still_reads_as_incomplete(tmp_path: Path) -> None:
-    path = small_config(tmp_path)
+    path = small_config(tmp_path, GOOD)
     partial = tmp_path / "runs" / "t" / "stages" / "prepare.partial"
     partial.mkdir(parents=True)
     (partial / "attempt.json").write_text('{"pid": 1, "unexpected": true}')
@@ -329,7 +316,7 @@ def test_an_interrupt_while_the_report_is_written_says_no_stage_is_incomplete(tm
         raise KeyboardInterrupt  # SIGTERM from a scheduler's time limit arrives as this
 
     monkeypatch.setattr(run_report, "write_run_report", interrupted)
-    path = small_config(tmp_path)
+    path = small_config(tmp_path, GOOD)
     result = run_cli("prepare", str(path), cwd=tmp_path)
     assert result.returncode == 130
     assert result.stderr.strip() == "interrupted: no stage was running; finished stages are kept"
@@ -347,7 +334,7 @@ def test_an_interrupt_inside_a_stage_names_it(tmp_path: Path, monkeypatch) -> No
         return real(cfg, spec)
 
     monkeypatch.setattr(runner.ConfigView, "of", staticmethod(view))
-    path = small_config(tmp_path)
+    path = small_config(tmp_path, GOOD)
     result = run_cli("prepare", str(path), cwd=tmp_path)
     assert result.returncode == 130
     assert result.stderr.strip().startswith("interrupted: stage prepare is marked incomplete")
