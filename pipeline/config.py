@@ -124,6 +124,26 @@ class DedupConfig(Section):
     ngram: int = Field(5, ge=1, le=64, description="Character n-gram (shingle) length.")
 
 
+class SlurmConfig(Section):
+    partition: str | None = Field(None, description="Slurm partition (None: the cluster's default).")
+    time: str = Field("24:00:00", description="Time limit of one task (sbatch --time).")
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: float = Field(2, gt=0)
+    job_name: str = Field("jpadapt-prepare")
+    env_command: str | None = Field(
+        None, description="Shell line run before each task, e.g. 'source /shared/jpadapt/.venv/bin/activate'."
+    )
+    sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH options, e.g. {account: abc}.")
+    max_array_size: int = Field(1001, ge=1, description="The cluster's MaxArraySize: larger task sets are split.")
+
+
+class RayConfig(Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'HOST:6379'); None starts a private one on this machine."
+    )
+    cpus_per_task: int = Field(1, ge=1)
+
+
 class PrepareConfig(StageSection):
     normalization: Literal["NFKC", "NFC", "NFKD", "NFD", "none"] = "NFKC"
     min_chars: int = Field(50, ge=1, description="Drop documents shorter than this (after normalization).")
@@ -135,6 +155,15 @@ class PrepareConfig(StageSection):
     heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Held-out share when no held-out file is given.")
     shard_size_mb: int = Field(64, ge=1, description="Maximum size of one output shard.")
     on_error: Literal["fail", "skip"] = Field("fail", description="Corrupt line: stop with an error, or count it.")
+    # Where and how wide the work runs. None of these change a byte of the outputs (tested), so none of them
+    # reruns the stage: see EXECUTOR_KEYS.
+    executor: Literal["local", "slurm", "ray"] = Field("local", description="Run the tasks here, on Slurm or on Ray.")
+    workers: int | None = Field(None, ge=1, description="local: tasks at once (None: every CPU core of this machine).")
+    tasks: int | None = Field(
+        None, ge=1, description="Parallel pieces of work (None: one per input file; a file is never split)."
+    )
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
     def _lengths(self) -> PrepareConfig:
@@ -142,6 +171,9 @@ class PrepareConfig(StageSection):
             raise ValueError(f"prepare.min_chars ({self.min_chars}) is larger than prepare.max_chars ({self.max_chars})")
         return self
 
+
+# prepare keys that decide where the work runs, not what it writes.
+EXECUTOR_KEYS = ("executor", "workers", "tasks", "slurm", "ray")
 
 BUNDLED_TOKENIZERS = ("llama2", "llama3", "qwen", "llm-jp", "mistral")
 
