@@ -70,7 +70,9 @@ def run_tasks(
         log: the stage's logger, told how many tasks ran and how many were already done.
     """
     logging_dir.mkdir(parents=True, exist_ok=True)
-    steps = list(pipeline)
+    # The first step is a function of this module, so that a worker unpickling the task imports the module (and
+    # with it, the quiet logging below) before datatrove sets up the task's logging.
+    steps = [_in_this_module, *pipeline]
     done_before = _completed(logging_dir, tasks)
     if log is not None:
         already = f" ({done_before} finished by an earlier attempt)" if done_before else ""
@@ -83,7 +85,7 @@ def run_tasks(
             launch(steps, tasks, settings, logging_dir, step)
         except JpadaptError:
             raise
-        except Exception as exc:  # a task raised: the worker pool re-raises it here
+        except Exception as exc:  # noqa: BLE001 (any task error: the worker pool re-raises it here)
             raise _task_failed(step, logging_dir, tasks, exc) from None
     missing = tasks - _completed(logging_dir, tasks)
     if missing:
@@ -203,16 +205,25 @@ def _file_only_task_logger(logging_dir: Any, rank: int, local_rank: int = 0, nod
 
 
 def _quiet_datatrove() -> None:
-    """Every process that runs our tasks imports this module first (unpickling a task's steps does), so this is
-    where datatrove's console logging is turned off: loguru's default stderr sink, and the per-task one."""
+    """Every process that runs our tasks imports this module first (see `_in_this_module`), so this is where
+    datatrove's console logging is turned off: loguru's default stderr sink, the per-task one, and the one
+    datatrove puts back after each task."""
     import datatrove.executor.base
+    import datatrove.executor.ray
+    import datatrove.utils.logging
     from loguru import logger
 
     logger.remove()
-    datatrove.executor.base.add_task_logger = _file_only_task_logger
+    datatrove.utils.logging.setup_default_logger = logger.remove
+    for module in (datatrove.executor.base, datatrove.executor.ray):
+        module.add_task_logger = _file_only_task_logger
 
 
 _quiet_datatrove()
+
+
+def _in_this_module(data: Any, rank: int = 0, world_size: int = 1) -> Any:
+    return data
 
 
 class _datatrove_logs_to_file:
@@ -243,10 +254,9 @@ class _Progress:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> None:
         if not self.bar.disable:
             self.thread.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()

@@ -1,41 +1,62 @@
-"""The `prepare` pipeline for one language: read, clean, filter, deduplicate, split and shard, streaming.
+"""The `prepare` work for one language, as datatrove tasks: read, clean, filter, deduplicate, split, write.
 
 Per document, in this order (the first rule that fires removes it and is counted):
 
     normalize -> empty -> too_short / too_long -> low_japanese_ratio (ja only)
               -> exact_duplicate -> near_duplicate -> split -> write
 
-Held-out files are read before training files and share the dedup indexes with them, so a training document
-that repeats a held-out one is removed (decontamination) and also counted under `decontamination`.
-Without held-out files each document's split is a seeded hash of its id (or text), so records sharing an id
-always share a split. Output: `<out_dir>/<lang>/{train,heldout}-NNNNN.jsonl`, byte-identical for identical
-input, settings and seed. Memory: one document at a time plus the dedup indexes (see data/dedup.py).
+Steps, each a set of tasks on the configured executor (data/executor.py), with their files in a work folder
+that is deleted when the language is done:
+
+    scan     one task per group of input files: read, normalize, filter, split; write the surviving documents
+             to a task table and their exact hashes and MinHash signatures (data/dedup.py, step 1)
+    pairs    one task per LSH band (+1 for exact hashes): candidate pairs from the sorted signatures (step 2)
+    cluster  one task: verified clusters; which documents go (step 3)
+    write    one task per group of input files: the kept documents as `<split>-FFFFF-KKKKK.jsonl`, FFFFF the
+             input file's number (held-out files first, then training files, in the order given)
+
+A file is read by one task and its outputs are named after it, and every dedup decision depends only on input
+order, so the outputs are byte-identical for any number of tasks and workers, on any executor. A rerun after a
+crash skips the tasks that finished (datatrove's completion markers).
+
+Held-out documents win: a training document that repeats (or nearly repeats) a held-out one is removed and
+counted under `decontamination`, never the held-out one. Without held-out files each document's split is a
+seeded hash of its id (or text), so records sharing an id always share a split.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import logging
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tqdm import tqdm
+import numpy as np
 
-from data.dedup import ExactDedup, NearDedup
 from data.readers import SKIP_KINDS, Document, iter_documents
 from data.text import japanese_ratio, normalize
-from pipeline.config import CorpusConfig, PrepareConfig
+from pipeline.config import EXECUTOR_KEYS, CorpusConfig, PrepareConfig
 from pipeline.errors import JpadaptError
 
 RULES = ("empty", "too_short", "too_long", "low_japanese_ratio", "exact_duplicate", "near_duplicate")
+FILTER_RULES = RULES[:4]
 SPLITS = ("train", "heldout")
 # Documents per duplicate rule named in the stats, so a user can look at what dedup removed.
 DUPLICATE_EXAMPLES = 5
-_SHARD_NAME = re.compile(r"(train|heldout)-\d{5}\.jsonl")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    index: int  # position in the language's input order: held-out files first
+    path: str
+    name: str  # as origins, stats and messages name it (never an absolute path: outputs stay reproducible)
+    split: str  # "heldout" or "train": which list of the config it came from
+    size: int
 
 
 def prepare_language(
@@ -47,31 +68,55 @@ def prepare_language(
     seed: int,
     out_dir: Path,
     display_name: Callable[[Path], str] = lambda p: p.name,
+    work_dir: Path | None = None,
+    log: logging.Logger | None = None,
 ) -> dict:
     """Clean one language's corpus into JSONL shards under `out_dir/lang`; return its statistics.
 
     Arguments:
         lang: "ja" (gets the Japanese-ratio filter) or another code; names the output folder and errors.
         corpus: the data.<lang> section (text/id fields, format, text unit).
-        train_files, heldout_files: resolved input files; held-out ones are read first.
-        opts: the prepare section (normalization, filters, dedup, split, shard size, on_error).
-        seed: decides the hash split and the MinHash permutations.
+        train_files, heldout_files: resolved input files; held-out ones come first in input order.
+        opts: the prepare section (rules, dedup, split, shard size, on_error, and where the tasks run).
+        seed: decides the hash split and the MinHash functions.
         out_dir: the stage's output folder.
-        display_name: how a file is named in ids, stats and messages (never an absolute path, so outputs are
-            reproducible across machines).
+        display_name: how a file is named in ids, stats and messages.
+        work_dir: the language's scratch folder (default `out_dir/.work/lang`); an interrupted run's folder is
+            picked up where it stopped if it was made for the same files and task count.
+        log: where the steps say what they run.
     """
-    directory = _fresh_output_dir(out_dir / lang)
-    writers = {split: ShardWriter(directory, split, max_bytes=opts.shard_size_mb * 2**20) for split in SPLITS}
-    run = _LanguageRun(lang, corpus, opts, seed, "files" if heldout_files else "split", writers)
-    sources = [(path, "heldout") for path in heldout_files] + [(path, "train") for path in train_files]
-    try:
-        for path, source in sources:
-            run.read_file(path, source, display_name(path))
-    finally:
-        for writer in run.writers.values():
-            writer.close()
-    stats = run.stats()
+    from data.dedup import ClusterDuplicates, FindPairs, banding, signature_step
+    from data.executor import ExecutorSettings, run_tasks
+
+    files = [
+        InputFile(index, str(path), display_name(path), split, path.stat().st_size)
+        for index, (path, split) in enumerate([(p, "heldout") for p in heldout_files] + [(p, "train") for p in train_files])
+    ]
+    identity = {"lang": lang, "corpus": corpus.model_dump(mode="json"), "seed": seed}
+    work = _work_dir(work_dir or out_dir / ".work" / lang, files, opts, identity)
+    output = out_dir / lang
+    output.mkdir(parents=True, exist_ok=True)
+    settings = ExecutorSettings.from_config(opts)
+    tasks = _assign(files, opts.tasks)
+    dedup = opts.dedup
+    band = banding(dedup.threshold, dedup.num_perm) if dedup.near else None
+    heldout_source = "files" if heldout_files else "split"
+
+    def step(name: str, pipeline: list[Any], count: int) -> None:
+        run_tasks(f"prepare {lang}: {name}", pipeline, count, settings, work / "logs" / name, log)
+
+    scan = ScanFiles(str(work), lang, corpus, opts, seed, heldout_source, tasks, files, band is not None)
+    signatures = [signature_step(work, band, dedup.ngram, seed)] if band else []
+    step("scan", [scan, *signatures], len(tasks))
+    if dedup.exact or dedup.near:
+        pairs = FindPairs(str(work), band, dedup.exact)
+        step("pairs", [pairs], pairs.tasks)
+        step("cluster", [ClusterDuplicates(str(work), len(tasks), dedup.threshold, band.hashes if band else 0,
+                                           DUPLICATE_EXAMPLES)], 1)
+    step("write", [WriteShards(str(work), str(output), tasks, files, opts.shard_size_mb * 2**20)], len(tasks))
+    stats = _merge_stats(work, files, len(tasks), heldout_source)
     _check_outcome(lang, stats)
+    shutil.rmtree(work)
     return stats
 
 
@@ -81,53 +126,90 @@ def heldout_by_hash(key: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-# --------------------------------------------------------------------------------------------- one language
+# --------------------------------------------------------------------------------------------- tasks
 
 
-@dataclass
-class _LanguageRun:
+def _assign(files: list[InputFile], tasks: int | None) -> list[list[int]]:
+    """Input files per task: `tasks` (default: one per file) groups of about equal bytes, largest file first.
+    Which task reads a file never changes what is written, only how long it takes."""
+    count = max(1, min(tasks or len(files), len(files)))
+    groups: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for file in sorted(files, key=lambda f: (-f.size, f.index)):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(file.index)
+        loads[lightest] += file.size
+    return [sorted(group) for group in groups if group]
+
+
+def _work_dir(work: Path, files: list[InputFile], opts: PrepareConfig, identity: dict[str, Any]) -> Path:
+    """The scratch folder, kept from an interrupted run made for the same files, settings and task count (the
+    tasks' files depend on it), else made anew."""
+    settings = opts.model_dump(mode="json", exclude=set(EXECUTOR_KEYS) - {"tasks"})
+    plan = {"files": [[f.path, f.size] for f in files], "settings": settings, **identity}
+    plan_file = work / "plan.json"
+    if work.exists():
+        try:
+            same = json.loads(plan_file.read_text(encoding="utf-8")) == plan
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return work
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    plan_file.write_text(json.dumps(plan), encoding="utf-8")
+    return work
+
+
+@dataclass(frozen=True)
+class ScanFiles:
+    """Scan task: read its input files in order, normalize and filter each document, decide its split, and
+    write what survives to the task's document table (`docs/`, `meta/`) and its exact hash (`exact/`); yield
+    the documents to the signature step. Counts go to `stats/scan-RRRRR.json`."""
+
+    work_dir: str
     lang: str
     corpus: CorpusConfig
     opts: PrepareConfig
     seed: int
     heldout_source: str  # "files" or "split"
-    writers: dict[str, ShardWriter]
-    files: list[dict] = field(default_factory=list)
-    skipped: Counter = field(default_factory=Counter)
-    removed: Counter = field(default_factory=Counter)
-    decontaminated: Counter = field(default_factory=Counter)
-    examples: dict[str, list[dict]] = field(default_factory=lambda: {"exact_duplicate": [], "near_duplicate": []})
-    exact: ExactDedup | None = field(init=False)
-    near: NearDedup | None = field(init=False)
+    tasks: list[list[int]]
+    files: list[InputFile]
+    signatures: bool
 
-    def __post_init__(self) -> None:
-        dedup = self.opts.dedup
-        self.exact = ExactDedup() if dedup.exact else None
-        self.near = NearDedup(dedup.threshold, dedup.num_perm, dedup.ngram, self.seed) if dedup.near else None
+    def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        from datatrove.data import Document as DatatroveDocument
 
-    def read_file(self, path: Path, source: str, name: str) -> None:
-        documents = iter_documents(path, self.corpus, self.opts.on_error, self.skipped, name=name)
-        # disable=None: silent when stderr is not a terminal (CI, logs); leave=False: one bar at a time.
-        description = f"prepare {self.lang} {source}: {name}"
-        progress = tqdm(documents, desc=description, unit=" docs", disable=None, leave=False)
-        records = 0
-        for document in progress:
-            records += 1
-            self.add(document, source)
-        self.files.append({"name": name, "split": source, "records": records})
+        from data.dedup import ExactHashWriter
 
-    def add(self, document: Document, source: str) -> None:
-        text = normalize(document.text, self.opts.normalization)
-        rule = self._filter(text)
-        if rule is None:
-            # The split is a pure function of the document, so it is known before dedup, which records it
-            # with each kept document to recognise duplicates of held-out documents.
-            split = source if self.heldout_source == "files" else self._hash_split(document, text)
-            rule = self._deduplicate(document.origin, text, split)
-            if rule is None:
-                self.writers[split].write(_output_record(document, text), len(text))
-                return
-        self.removed[rule] += 1
+        work = Path(self.work_dir)
+        table = _TaskTable(work, rank)
+        exact = ExactHashWriter(work, rank) if self.opts.dedup.exact else None
+        counts = _ScanCounts()
+        try:
+            for index in self.tasks[rank]:
+                file = self.files[index]
+                for record, document in enumerate(self._documents(Path(file.path), file.name, counts)):
+                    counts.records[index] = record + 1
+                    text = normalize(document.text, self.opts.normalization)
+                    rule = self._filter(text)
+                    if rule is not None:
+                        counts.removed[rule] += 1
+                        continue
+                    doc_split = file.split if self.heldout_source == "files" else self._hash_split(document, text)
+                    doc = table.add(document, text, index, record, doc_split)
+                    if exact is not None:
+                        exact.add(text)
+                    if self.signatures:
+                        yield DatatroveDocument(text=text, id=str(doc))
+        finally:
+            table.close()
+        if exact is not None:
+            exact.close()
+        counts.save(work / "stats" / f"scan-{rank:05d}.json", self.tasks[rank])
+
+    def _documents(self, path: Path, name: str, counts: _ScanCounts) -> Iterator[Document]:
+        return iter_documents(path, self.corpus, self.opts.on_error, counts.skipped, name=name)
 
     def _filter(self, text: str) -> str | None:
         opts = self.opts
@@ -148,46 +230,100 @@ class _LanguageRun:
         key = str(document.fields[id_field]) if has_id else text
         return "heldout" if heldout_by_hash(key, self.seed, self.opts.heldout_fraction) else "train"
 
-    def _deduplicate(self, origin: str, text: str, split: str) -> str | None:
-        if self.exact is not None:
-            kept = self.exact.match_or_add(text, key=origin, tag=split)
-            if kept is not None:
-                return self._duplicate("exact_duplicate", origin, split, kept.key, kept.tag)
-        if self.near is not None:
-            # The origin is unique per document and is shared with the exact index (one string, not two).
-            kept = self.near.match_or_add(origin, text, tag=split)
-            if kept is not None:
-                return self._duplicate("near_duplicate", origin, split, kept.key, kept.tag)
-        return None
 
-    def _duplicate(self, rule: str, origin: str, split: str, kept_origin: str, kept_split: str) -> str:
-        if split == "train" and kept_split == "heldout":
-            self.decontaminated[f"{rule}_of_heldout"] += 1
-        if len(self.examples[rule]) < DUPLICATE_EXAMPLES:
-            self.examples[rule].append({"document": origin, "duplicate_of": kept_origin})
-        return rule
+@dataclass
+class _ScanCounts:
+    records: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    removed: Counter = field(default_factory=Counter)
 
-    def stats(self) -> dict:
-        return {
-            "input": {"files": self.files, "records": sum(file["records"] for file in self.files)},
-            "skipped_lines": {kind: self.skipped[kind] for kind in SKIP_KINDS},
-            "removed": {rule: self.removed[rule] for rule in RULES},
-            "decontamination": {
-                f"{rule}_of_heldout": self.decontaminated[f"{rule}_of_heldout"]
-                for rule in ("exact_duplicate", "near_duplicate")
-            },
-            "duplicate_examples": self.examples,
-            "heldout_source": self.heldout_source,
-            "splits": {split: self.writers[split].stats() for split in SPLITS},
+    def save(self, path: Path, files: list[int]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            "records": {str(index): self.records[index] for index in files},
+            "skipped": {kind: self.skipped[kind] for kind in SKIP_KINDS},
+            "removed": {rule: self.removed[rule] for rule in FILTER_RULES},
         }
+        path.write_text(json.dumps(data), encoding="utf-8")
 
 
-def _output_record(document: Document, text: str) -> dict[str, Any]:
+class _TaskTable:
+    """A scan task's surviving documents: their output lines (`docs/RRRRR.jsonl`, each behind its origin) and a
+    fixed-size row each (`meta/RRRRR.bin`, data/dedup.META) for the cluster and write steps."""
+
+    def __init__(self, work: Path, rank: int) -> None:
+        from data.dedup import META
+
+        for folder in ("docs", "meta"):
+            (work / folder).mkdir(parents=True, exist_ok=True)
+        self._docs = open(work / "docs" / f"{rank:05d}.jsonl", "wb")  # noqa: SIM115 (closed by close())
+        self._meta = open(work / "meta" / f"{rank:05d}.bin", "wb")  # noqa: SIM115
+        self._row = np.zeros(1, dtype=META)
+        self._offset = 0
+        self.count = 0
+
+    def add(self, document: Document, text: str, file: int, record: int, split: str) -> int:
+        from data.dedup import SPLIT_CODES, table_line
+
+        line = table_line(document.origin, _output_line(document, text))
+        self._row[0] = (file, record, SPLIT_CODES[split], len(text), self._offset)
+        self._docs.write(line)
+        self._meta.write(self._row.tobytes())
+        self._offset += len(line)
+        self.count += 1
+        return self.count - 1
+
+    def close(self) -> None:
+        self._docs.close()
+        self._meta.close()
+
+
+def _output_line(document: Document, text: str) -> bytes:
     """The input's other fields, then the cleaned "text"; an "id" (the origin, file:line) leads when missing."""
-    record = {} if "id" in document.fields else {"id": document.origin}
+    record: dict[str, Any] = {} if "id" in document.fields else {"id": document.origin}
     record.update(document.fields)
     record["text"] = text
-    return record
+    return (json.dumps(record, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
+
+
+@dataclass(frozen=True)
+class WriteShards:
+    """Write task: the kept documents of its input files, as `<split>-FFFFF-KKKKK.jsonl` shards of at most
+    `max_bytes` (a single larger record gets a shard of its own). Shard sizes go to `stats/write-RRRRR.json`."""
+
+    work_dir: str
+    output_dir: str
+    tasks: list[list[int]]
+    files: list[InputFile]
+    max_bytes: int
+
+    def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
+        from data.dedup import META, REMOVAL, SPLIT_CODES, split_table_line
+
+        work, output = Path(self.work_dir), Path(self.output_dir)
+        for index in self.tasks[rank]:  # a rerun after a crash starts these files' shards over
+            for split in SPLITS:
+                for stale in output.glob(f"{split}-{index:05d}-*.jsonl"):
+                    stale.unlink()
+        meta = np.fromfile(work / "meta" / f"{rank:05d}.bin", dtype=META)
+        removal_file = work / "remove" / f"{rank:05d}.bin"
+        removed = set(np.fromfile(removal_file, dtype=REMOVAL)["doc"].tolist()) if removal_file.exists() else set()
+        split_names = {code: split for split, code in SPLIT_CODES.items()}
+        writers: dict[tuple[str, int], ShardWriter] = {}
+        with open(work / "docs" / f"{rank:05d}.jsonl", "rb") as table:
+            for doc, line in enumerate(table):
+                if doc in removed:
+                    continue
+                row = meta[doc]
+                key = (split_names[int(row["split"])], int(row["file"]))
+                if key not in writers:
+                    writers[key] = ShardWriter(output, f"{key[0]}-{key[1]:05d}", self.max_bytes)
+                writers[key].write(split_table_line(line)[1], int(row["chars"]))
+        for writer in writers.values():
+            writer.close()
+        shards = [shard for writer in writers.values() for shard in writer.shards]
+        path = work / "stats" / f"write-{rank:05d}.json"
+        path.write_text(json.dumps(shards), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -195,45 +331,36 @@ def _output_record(document: Document, text: str) -> dict[str, Any]:
 
 @dataclass
 class ShardWriter:
-    """Writes one split as `<split>-00000.jsonl`, `-00001`, ...; a shard never exceeds `max_bytes`
-    unless a single record does (every shard holds at least one record)."""
+    """Writes `<prefix>-00000.jsonl`, `-00001`, ...; a shard never exceeds `max_bytes` unless a single record
+    does (every shard holds at least one record)."""
 
     directory: Path
-    split: str
+    prefix: str
     max_bytes: int
-    documents: int = 0
-    chars: int = 0
-    bytes: int = 0
-    shards: list[str] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
     _file: IO[bytes] | None = None
-    _shard_bytes: int = 0
 
-    def write(self, record: dict[str, Any], chars: int) -> None:
-        line = (json.dumps(record, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
-        if self._file is not None and self._shard_bytes + len(line) > self.max_bytes:
+    def write(self, line: bytes, chars: int) -> None:
+        if self._file is not None and self.shards[-1]["bytes"] + len(line) > self.max_bytes:
             self.close()
         if self._file is None:
             self._open_next()
         self._file.write(line)
-        self._shard_bytes += len(line)
-        self.documents += 1
-        self.chars += chars
-        self.bytes += len(line)
+        shard = self.shards[-1]
+        shard["documents"] += 1
+        shard["chars"] += chars
+        shard["bytes"] += len(line)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def stats(self) -> dict:
-        return {"documents": self.documents, "chars": self.chars, "bytes": self.bytes, "shards": list(self.shards)}
-
     def _open_next(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.jsonl"
+        name = f"{self.prefix}-{len(self.shards):05d}.jsonl"
         # Binary: the bytes are exactly what was encoded (no newline translation, no locale encoding).
         self._file = open(self.directory / name, "wb")  # noqa: SIM115 (a shard stays open across writes; close() ends it)
-        self.shards.append(name)
-        self._shard_bytes = 0
+        self.shards.append({"name": name, "split": self.prefix.split("-")[0], "documents": 0, "chars": 0, "bytes": 0})
 
 
 def _json_default(value: Any) -> str:
@@ -242,14 +369,51 @@ def _json_default(value: Any) -> str:
     return isoformat() if callable(isoformat) else str(value)
 
 
-def _fresh_output_dir(directory: Path) -> Path:
-    """Create `directory`; delete shards a previous run left there (a run with fewer shards would not
-    overwrite them, and readers would pick them up). Other files are left alone."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for path in directory.iterdir():
-        if _SHARD_NAME.fullmatch(path.name):
-            path.unlink()
-    return directory
+# --------------------------------------------------------------------------------------------- statistics
+
+
+def _merge_stats(work: Path, files: list[InputFile], tasks: int, heldout_source: str) -> dict:
+    """stats.json's section for one language, from the tasks' counts; the same for any number of tasks."""
+    records: Counter = Counter()
+    skipped: Counter = Counter()
+    removed: Counter = Counter()
+    shards: list[dict] = []
+    for rank in range(tasks):
+        scan = json.loads((work / "stats" / f"scan-{rank:05d}.json").read_text(encoding="utf-8"))
+        records.update({int(index): count for index, count in scan["records"].items()})
+        skipped.update(scan["skipped"])
+        removed.update(scan["removed"])
+        shards += json.loads((work / "stats" / f"write-{rank:05d}.json").read_text(encoding="utf-8"))
+    dedup_file = work / "dedup.json"
+    dedup = json.loads(dedup_file.read_text(encoding="utf-8")) if dedup_file.exists() else {}
+    removed.update(dedup.get("removed", {}))
+    decontamination = dedup.get("decontamination", {})
+    examples = dedup.get("duplicate_examples", {})
+    return {
+        "input": {
+            "files": [{"name": f.name, "split": f.split, "records": records[f.index]} for f in files],
+            "records": sum(records.values()),
+        },
+        "skipped_lines": {kind: skipped[kind] for kind in SKIP_KINDS},
+        "removed": {rule: removed[rule] for rule in RULES},
+        "decontamination": {
+            f"{rule}_of_heldout": decontamination.get(f"{rule}_of_heldout", 0)
+            for rule in ("exact_duplicate", "near_duplicate")
+        },
+        "duplicate_examples": {rule: examples.get(rule, []) for rule in ("exact_duplicate", "near_duplicate")},
+        "heldout_source": heldout_source,
+        "splits": {split: _split_stats(shards, split) for split in SPLITS},
+    }
+
+
+def _split_stats(shards: list[dict], split: str) -> dict:
+    mine = sorted((shard for shard in shards if shard["split"] == split), key=lambda shard: shard["name"])
+    return {
+        "documents": sum(shard["documents"] for shard in mine),
+        "chars": sum(shard["chars"] for shard in mine),
+        "bytes": sum(shard["bytes"] for shard in mine),
+        "shards": [shard["name"] for shard in mine],
+    }
 
 
 # --------------------------------------------------------------------------------------------- outcome checks

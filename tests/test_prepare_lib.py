@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.dedup import ExactDedup, NearDedup
+import numpy as np
+
+from data.dedup import SHINGLE_BLOCK, banding, character_shingles, minhash, signature_parameters
 from data.prepare import RULES, ShardWriter, heldout_by_hash, prepare_language
 from data.readers import SKIP_KINDS, iter_documents
 from data.seed import set_seed
@@ -35,7 +37,9 @@ def corpus(**overrides) -> CorpusConfig:
 
 
 def options(**overrides) -> PrepareConfig:
+    """Prepare settings; one worker (tasks run in this process) unless a test asks for more."""
     dedup = overrides.pop("dedup", {})
+    overrides.setdefault("workers", 1)
     return PrepareConfig(**overrides, dedup={**PrepareConfig().dedup.model_dump(), **dedup})
 
 
@@ -241,13 +245,12 @@ def test_japanese_ratio(text, ratio):
 # --------------------------------------------------------------------------------------------- dedup
 
 
-def test_exact_dedup():
-    index = ExactDedup()
-    assert not index.seen_or_add("本文")
-    assert index.seen_or_add("本文")
-    assert not index.seen_or_add("本文 ")
-    kept = index.match_or_add("本文", key="k", tag="t")
-    assert kept is not None and kept.key == "" and len(index) == 2
+def test_character_shingles_are_the_distinct_ngrams():
+    text = "あいうえおあいうえおか"
+    distinct = {text[i : i + 5] for i in range(len(text) - 4)}
+    assert len(character_shingles(text, 5)) == len(distinct) == 6
+    assert len(character_shingles("あい", 5)) == 1  # shorter than the n-gram: the whole text is one shingle
+    assert not set(character_shingles("あいう", 3)) & set(character_shingles("あいえ", 3))
 
 
 def near_dup_case(seed: int = 0) -> tuple[str, str, str]:
@@ -258,46 +261,37 @@ def near_dup_case(seed: int = 0) -> tuple[str, str, str]:
     return original, changed, japanese_text(rng, 700)
 
 
-def test_near_dedup_finds_edited_copy_and_keeps_unrelated_text():
+def jaccard(a: str, b: str, n: int = 5) -> float:
+    grams = [{text[i : i + n] for i in range(len(text) - n + 1)} for text in (a, b)]
+    return len(grams[0] & grams[1]) / len(grams[0] | grams[1])
+
+
+def test_minhash_estimates_jaccard_and_is_seeded():
     original, changed, unrelated = near_dup_case()
-    index = NearDedup(threshold=0.8, num_perm=128, ngram=5, seed=1)
-    assert not index.seen_or_add("original", original)
-    assert index.seen_or_add("changed", changed)
-    assert not index.seen_or_add("unrelated", unrelated)
-    assert not index.seen_or_add("short", "あい")  # shorter than the n-gram: one shingle
-    assert index.seen_or_add("short again", "あい")
-    kept = index.match_or_add("again", changed, tag="x")
-    assert kept is not None and kept.key == "original"
-    assert len(index) == 3
+    a, b = signature_parameters(256, seed=1)
+    sketch = {name: minhash(character_shingles(text, 5), a, b) for name, text in
+              (("original", original), ("changed", changed), ("unrelated", unrelated))}
+    assert abs(np.mean(sketch["original"] == sketch["changed"]) - jaccard(original, changed)) < 0.08
+    assert np.mean(sketch["original"] == sketch["unrelated"]) < 0.05
+    again = minhash(character_shingles(changed, 5), *signature_parameters(256, seed=1))
+    other = minhash(character_shingles(changed, 5), *signature_parameters(256, seed=2))
+    assert (again == sketch["changed"]).all() and not (other == sketch["changed"]).all()
 
 
-def test_near_dedup_is_deterministic_and_seeded():
-    _original, changed, _ = near_dup_case()
-    sketches = [NearDedup(0.8, 64, 5, seed).sketch(changed).hashvalues for seed in (7, 7, 8)]
-    assert (sketches[0] == sketches[1]).all()
-    assert not (sketches[0] == sketches[2]).all()
+def test_minhash_of_a_long_text_is_computed_in_blocks():
+    text = japanese_text(random.Random(1), 3 * SHINGLE_BLOCK)
+    a, b = signature_parameters(64, seed=3)
+    shingles = character_shingles(text, 5)
+    whole = ((shingles[:, None] * a + b) >> np.uint64(32)).min(axis=0).astype(np.uint32)
+    assert len(shingles) > SHINGLE_BLOCK and (minhash(shingles, a, b) == whole).all()
 
 
-@pytest.mark.parametrize("threshold, num_perm, seed", [(1.0, 128, 1), (0.99, 16, 2**40), (0.05, 1024, 0)])
-def test_near_dedup_accepts_every_valid_setting(threshold, num_perm, seed):
-    # Thresholds near 1 make datasketch's optimal LSH a single band (which it rejects); seeds above 2**32
-    # are valid run seeds but not numpy seeds.
-    original, _, unrelated = near_dup_case()
-    index = NearDedup(threshold, num_perm, ngram=5, seed=seed)
-    assert not index.seen_or_add("a", original)
-    assert index.seen_or_add("b", original)
-    assert not index.seen_or_add("c", unrelated)
-
-
-def test_near_dedup_threshold_is_verified():
-    # The two texts share about half their 5-grams: a match at threshold 0.4, none at 0.9.
-    rng = random.Random(3)
-    shared, a_rest, b_rest = (japanese_text(rng, 400) for _ in range(3))
-    a, b = shared + a_rest, shared + b_rest
-    for threshold, duplicate in ((0.2, True), (0.9, False)):
-        index = NearDedup(threshold, 128, 5, seed=1)
-        index.seen_or_add("a", a)
-        assert index.seen_or_add("b", b) is duplicate
+@pytest.mark.parametrize("threshold, num_perm, expected", [(0.8, 128, (14, 9)), (1.0, 128, None), (0.05, 16, None)])
+def test_banding_weights_misses_over_wasted_checks(threshold, num_perm, expected):
+    band = banding(threshold, num_perm)
+    assert band.bands >= 2 and band.hashes <= num_perm
+    if expected:
+        assert (band.bands, band.rows) == expected
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -317,7 +311,8 @@ def test_prepare_filters_dedups_and_counts(tmp_path):
     ]
     path = write_jsonl(tmp_path / "c.jsonl", records)
     opts = options(max_chars=800, heldout_fraction=0.5)
-    seed = next(s for s in range(100) if _both_splits(["o", "u"], s, 0.5))  # neither split may be empty
+    # Neither split may be empty, and the copies go where "o" goes: across splits the held-out copy would stay.
+    seed = next(s for s in range(1000) if _both_splits(["o", "u"], s, 0.5) and _same_split(["o", "o-copy", changed], s, 0.5))
     stats = prepare_language("ja", corpus(), [path], [], opts, seed, tmp_path / "out")
     assert stats["removed"] == {
         "empty": 1,
@@ -340,6 +335,39 @@ def test_prepare_filters_dedups_and_counts(tmp_path):
     assert splits["train"]["chars"] + splits["heldout"]["chars"] == len(original) + len(unrelated)
 
 
+def kept_texts(out: Path) -> list[str]:
+    return [r["text"] for split in ("train", "heldout") for r in read_split(out, "ja", split)]
+
+
+def test_near_duplicates_are_verified_against_the_threshold(tmp_path):
+    # The two texts share about half their 5-grams: a match at threshold 0.2, none at 0.9.
+    rng = random.Random(3)
+    shared, a_rest, b_rest = (japanese_text(rng, 400) for _ in range(3))
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": shared + a_rest}])
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": shared + b_rest}, {"text": japanese_text(rng, 400)}])
+    for threshold, removed in ((0.2, 1), (0.9, 0)):
+        out = tmp_path / f"t{threshold}"
+        stats = prepare_language("ja", corpus(), [train], [held], options(dedup={"threshold": threshold}), 1, out)
+        assert stats["removed"]["near_duplicate"] == removed
+        assert stats["decontamination"]["near_duplicate_of_heldout"] == removed
+        assert shared + a_rest in kept_texts(out)  # the held-out document always stays
+
+
+@pytest.mark.parametrize("threshold, num_perm, seed", [(1.0, 128, 1), (0.99, 16, 2**40), (0.05, 1024, 0)])
+def test_near_dedup_accepts_every_valid_setting(tmp_path, threshold, num_perm, seed):
+    original, _, unrelated = near_dup_case()
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": original}, {"text": original}, {"text": unrelated}])
+    held = write_jsonl(tmp_path / "h.jsonl", [{"text": japanese_text(random.Random(5), 700)}])
+    opts = options(dedup={"exact": False, "threshold": threshold, "num_perm": num_perm})
+    stats = prepare_language("ja", corpus(), [path], [held], opts, seed, tmp_path / "out")
+    assert stats["removed"]["near_duplicate"] == 1
+    assert set(kept_texts(tmp_path / "out")) >= {original, unrelated}
+
+
+def _same_split(keys: list[str], seed: int, fraction: float) -> bool:
+    return len({heldout_by_hash(key, seed, fraction) for key in keys}) == 1
+
+
 def _both_splits(keys: list[str], seed: int, fraction: float) -> bool:
     return len({heldout_by_hash(key, seed, fraction) for key in keys}) == 2
 
@@ -360,7 +388,7 @@ def test_output_record_layout(tmp_path):
     prepare_language("ja", corpus(text_field="content"), [train], [held], options(), 1, tmp_path / "out")
     assert read_split(tmp_path / "out", "ja", "train") == [{"id": "train.jsonl:1", "source": "s", "text": texts[0]}]
     assert read_split(tmp_path / "out", "ja", "heldout") == [{"id": 5, "text": texts[1]}]
-    raw = (tmp_path / "out" / "ja" / "train-00000.jsonl").read_bytes()
+    raw = (tmp_path / "out" / "ja" / "train-00001-00000.jsonl").read_bytes()  # file 1: held-out files come first
     assert texts[0].encode() in raw and raw.endswith(b"}\n") and b"\r" not in raw  # UTF-8, not \u escapes
 
 
@@ -410,26 +438,31 @@ def test_hash_split_share(tmp_path):
         assert abs(share - fraction) < 0.03
 
 
+def json_line(record: dict) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+
+
 def test_shard_writer_rotates_below_the_size_limit(tmp_path):
-    writer = ShardWriter(tmp_path, "train", max_bytes=200)
+    writer = ShardWriter(tmp_path, "train-00003", max_bytes=200)
     records = [{"id": i, "text": "あ" * (10 if i != 3 else 40)} for i in range(12)]
     for record in records:
-        writer.write(record, len(record["text"]))
+        writer.write(json_line(record), len(record["text"]))
     writer.close()
-    assert writer.shards == [f"train-{i:05d}.jsonl" for i in range(len(writer.shards))]
-    assert len(writer.shards) > 3
-    sizes = [(tmp_path / name).stat().st_size for name in writer.shards]
-    assert all(size <= 200 for size in sizes) and sum(sizes) == writer.bytes
-    lines = read_jsonl(*(tmp_path / name for name in writer.shards))
-    assert lines == records and writer.documents == 12 and writer.chars == 10 * 11 + 40
+    names = [shard["name"] for shard in writer.shards]
+    assert names == [f"train-00003-{i:05d}.jsonl" for i in range(len(names))] and len(names) > 3
+    sizes = [(tmp_path / name).stat().st_size for name in names]
+    assert all(size <= 200 for size in sizes) and sizes == [shard["bytes"] for shard in writer.shards]
+    assert read_jsonl(*(tmp_path / name for name in names)) == records
+    assert sum(shard["documents"] for shard in writer.shards) == 12
+    assert sum(shard["chars"] for shard in writer.shards) == 10 * 11 + 40
 
 
 def test_shard_writer_gives_an_oversized_record_its_own_shard(tmp_path):
-    writer = ShardWriter(tmp_path, "heldout", max_bytes=50)
+    writer = ShardWriter(tmp_path, "heldout-00000", max_bytes=50)
     for text in ("a", "b" * 100, "c"):
-        writer.write({"text": text}, len(text))
+        writer.write(json_line({"text": text}), len(text))
     writer.close()
-    assert [json.loads((tmp_path / n).read_text())["text"][0] for n in writer.shards] == ["a", "b", "c"]
+    assert [json.loads((tmp_path / s["name"]).read_text())["text"][0] for s in writer.shards] == ["a", "b", "c"]
 
 
 def test_prepare_rotates_shards_of_one_mib(tmp_path):
@@ -440,11 +473,11 @@ def test_prepare_rotates_shards_of_one_mib(tmp_path):
         "ja", corpus(), [path], [], options(shard_size_mb=1, heldout_fraction=0.1, dedup={"near": False}), 3, tmp_path
     )
     train = stats["splits"]["train"]
-    assert train["shards"] == ["train-00000.jsonl", "train-00001.jsonl", "train-00002.jsonl"]
+    assert train["shards"] == ["train-00000-00000.jsonl", "train-00000-00001.jsonl", "train-00000-00002.jsonl"]
     assert all((tmp_path / "ja" / name).stat().st_size <= 2**20 for name in train["shards"])
     # A second run into the same folder with bigger shards leaves no stale shard behind.
     prepare_language("ja", corpus(), [path], [], options(heldout_fraction=0.1, dedup={"near": False}), 3, tmp_path)
-    assert sorted(p.name for p in (tmp_path / "ja").iterdir()) == ["heldout-00000.jsonl", "train-00000.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "ja").iterdir()) == ["heldout-00000-00000.jsonl", "train-00000-00000.jsonl"]
 
 
 def test_identical_runs_write_identical_bytes(tmp_path):

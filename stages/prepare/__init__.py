@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from pipeline.config import EXECUTOR_KEYS, PipelineConfig, PrepareConfig
 from pipeline.paths import display_path, resolve_files
 from pipeline.stage import StageContext, StageSpec, lazy
 
@@ -49,6 +49,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
             seed=ctx.seed,
             out_dir=ctx.out_dir,
             display_name=display_path,
+            log=ctx.log,
         )
         stats["languages"][lang] = result
         splits = result["splits"]
@@ -65,7 +66,10 @@ SPEC = StageSpec(
     name="prepare",
     run=run,
     description="clean, filter, deduplicate and split the Japanese and English corpora",
-    params=("data", "prepare", "run.seed"),
+    params=("data", *(f"prepare.{key}" for key in PrepareConfig.model_fields if key not in EXECUTOR_KEYS), "run.seed"),
+    # Where the tasks run and how many there are never changes an output byte (tests/test_prepare_scale.py).
+    unhashed=tuple(f"prepare.{key}" for key in EXECUTOR_KEYS),
+    resumable=True,
     inputs=_inputs,
     outputs=("stats.json",),
     report_section=lazy("stages.prepare.report:report_section"),
