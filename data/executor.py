@@ -69,6 +69,7 @@ def run_tasks(
         logging_dir: this step's folder for completion markers, stats and task logs (shared with the cluster).
         log: the stage's logger, told how many tasks ran and how many were already done.
     """
+    logging_dir = logging_dir.resolve()  # tasks run in other processes, in other working directories
     logging_dir.mkdir(parents=True, exist_ok=True)
     # The first step is a function of this module, so that a worker unpickling the task imports the module (and
     # with it, the quiet logging below) before datatrove sets up the task's logging.

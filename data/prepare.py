@@ -88,12 +88,14 @@ def prepare_language(
     from data.dedup import ClusterDuplicates, FindPairs, banding, signature_step
     from data.executor import ExecutorSettings, run_tasks
 
+    # Absolute paths: tasks run in other processes (a forkserver keeps the working directory it started in).
+    out_dir = out_dir.resolve()
     files = [
-        InputFile(index, str(path), display_name(path), split, path.stat().st_size)
+        InputFile(index, str(path.resolve()), display_name(path), split, path.stat().st_size)
         for index, (path, split) in enumerate([(p, "heldout") for p in heldout_files] + [(p, "train") for p in train_files])
     ]
     identity = {"lang": lang, "corpus": corpus.model_dump(mode="json"), "seed": seed}
-    work = _work_dir(work_dir or out_dir / ".work" / lang, files, opts, identity)
+    work = _work_dir((work_dir or out_dir / ".work" / lang).resolve(), files, opts, identity)
     output = out_dir / lang
     output.mkdir(parents=True, exist_ok=True)
     settings = ExecutorSettings.from_config(opts)

@@ -33,7 +33,7 @@ def test_parser_and_command_map_agree() -> None:
     assert {"run", "status", "validate"} <= set(commands)
 
 
-HEAVY = ("torch", "transformers", "deepspeed", "numpy", "scipy", "datasketch", "matplotlib", "pyarrow", "tokenizers")
+HEAVY = ("torch", "transformers", "deepspeed", "numpy", "scipy", "datatrove", "matplotlib", "pyarrow", "tokenizers")
 
 
 @pytest.mark.parametrize("command", [["--help"], ["validate"], ["status"]])

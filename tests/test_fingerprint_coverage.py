@@ -171,7 +171,7 @@ def test_library_versions_come_from_what_the_code_imports() -> None:
     libraries = {spec.name: stage_code(spec)[1] for spec in stage_specs()}
     assert {"torch", "transformers", "deepspeed", "safetensors"} <= set(libraries["cpt"])
     assert {"peft", "bitsandbytes"} <= set(libraries["sft"])
-    assert "datasketch" in libraries["prepare"] and "deepspeed" not in libraries["prepare"]
+    assert "datatrove" in libraries["prepare"] and "deepspeed" not in libraries["prepare"]
 
 
 # ------------------------------------------------------------------------------------------------ the view

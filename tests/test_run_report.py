@@ -205,8 +205,8 @@ def test_overview_numbers_come_from_the_manifests_and_config(full):
     libraries = {row["library"]: row["version"] for row in table_after(md, "Every stage that records a library "
                                                                            "recorded the same version.")}
     assert libraries["torch"] == environment["libraries"]["torch"]
-    assert libraries["datasketch"] == read_json(run_dir / "stages/prepare/manifest.json")["environment"][
-        "libraries"]["datasketch"]
+    assert libraries["datatrove"] == read_json(run_dir / "stages/prepare/manifest.json")["environment"][
+        "libraries"]["datatrove"]
 
 
 def test_data_and_tokenizer_numbers_come_from_their_files(full):

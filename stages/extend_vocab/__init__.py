@@ -226,7 +226,7 @@ def invariants(base, extended, prepared: Path, sp_file: Path | None, comparison:
 
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
-    # data.prepare imports datasketch (and scipy): ~0.6 s that `jpadapt --help` and `status` must not pay.
+    # data.prepare imports numpy and the readers: time that `jpadapt --help` and `status` must not pay.
     from data.prepare import capped_texts, prepared_shards, prepared_texts
     from tokenizer.compare import Corpus, compare, write_outputs
     from tokenizer.load import load_tokenizer
