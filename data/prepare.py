@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import shutil
+from contextlib import suppress
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -119,6 +120,8 @@ def prepare_language(
     stats = _merge_stats(work, files, len(tasks), heldout_source)
     _check_outcome(lang, stats)
     shutil.rmtree(work)
+    with suppress(OSError):  # `.work/` itself, once no language is left in it
+        work.parent.rmdir()
     return stats
 
 
