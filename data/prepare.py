@@ -30,9 +30,9 @@ import hashlib
 import json
 import logging
 import shutil
-from contextlib import suppress
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any

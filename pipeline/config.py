@@ -158,7 +158,9 @@ class PrepareConfig(StageSection):
     # Where and how wide the work runs. None of these change a byte of the outputs (tested), so none of them
     # reruns the stage: see EXECUTOR_KEYS.
     executor: Literal["local", "slurm", "ray"] = Field("local", description="Run the tasks here, on Slurm or on Ray.")
-    workers: int | None = Field(None, ge=1, description="local: tasks at once (None: every CPU core of this machine).")
+    workers: int | None = Field(
+        None, ge=1, description="local or a private Ray: tasks at once (None: every CPU core of this machine)."
+    )
     tasks: int | None = Field(
         None, ge=1, description="Parallel pieces of work (None: one per input file; a file is never split)."
     )
