@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+import zstandard
+
 from pipeline.config import CorpusConfig
 from pipeline.errors import JpadaptError
 
@@ -27,8 +29,8 @@ OnError = Literal["fail", "skip"]
 SKIP_KINDS = ("not_utf8", "invalid_json", "not_an_object", "missing_text", "text_not_string")
 
 FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text", ".parquet": "parquet"}
-OPENERS = {".gz": gzip.open, ".xz": lzma.open}
-SUPPORTED = ".jsonl, .json, .txt (each optionally .gz or .xz), .parquet"
+OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".zst": lambda path, mode: _zstd_open(path, mode)}
+SUPPORTED = ".jsonl, .json, .txt (each optionally .gz, .xz or .zst), .parquet"
 
 # Rows per Parquet batch: bounds memory at ~512 documents whatever the row group size.
 PARQUET_BATCH_ROWS = 512
@@ -36,9 +38,52 @@ _BOM = b"\xef\xbb\xbf"
 # JSON may spell a lone UTF-16 surrogate ("\ud800"), which Python decodes but no UTF-8 file can hold.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # What a truncated or corrupt compressed stream raises while reading (BadGzipFile is an OSError).
-_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number"}
 _JSON_TYPES[float] = _JSON_TYPES[int]
+
+
+def _zstd_open(path: Path, mode: str) -> _ZstdLines:
+    return _ZstdLines(path)
+
+
+class _ZstdLines:
+    """The lines of a .zst file of one or more frames. zstandard's stream reader ends quietly inside a cut
+    frame (a truncated file would lose its tail unnoticed); here a frame that never ends raises."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by __exit__)
+
+    def __enter__(self) -> _ZstdLines:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        pending = b""
+        for data in self._decompressed():
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line + b"\n"
+        if pending:
+            yield pending
+
+    def _decompressed(self) -> Iterator[bytes]:
+        decompressor = zstandard.ZstdDecompressor()
+        frame, in_frame = decompressor.decompressobj(), False
+        while chunk := self._file.read(self.CHUNK):
+            while chunk:
+                yield frame.decompress(chunk)
+                in_frame = True
+                chunk = b""
+                if frame.eof:  # the next frame starts in what this one did not use
+                    chunk, frame, in_frame = frame.unused_data, decompressor.decompressobj(), False
+        if in_frame:
+            raise EOFError("the last zstd frame is cut off")
 
 
 @dataclass(frozen=True)

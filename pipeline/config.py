@@ -118,7 +118,7 @@ class DataConfig(Section):
 
 class DedupConfig(Section):
     exact: bool = Field(True, description="Drop documents whose normalized text was already seen.")
-    near: bool = Field(True, description="Drop near-duplicates (MinHash LSH over character n-grams; ~5 KB of memory per kept document).")
+    near: bool = Field(True, description="Drop near-duplicates (MinHash LSH over character n-grams, on disk).")
     threshold: float = Field(0.8, gt=0, le=1, description="Documents whose estimated Jaccard similarity is at or above this are duplicates.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (accuracy vs speed).")
     ngram: int = Field(5, ge=1, le=64, description="Character n-gram (shingle) length.")

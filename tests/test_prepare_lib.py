@@ -12,11 +12,11 @@ import tracemalloc
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import numpy as np
+import zstandard
 
 from data.dedup import SHINGLE_BLOCK, banding, character_shingles, minhash, signature_parameters
 from data.prepare import RULES, ShardWriter, heldout_by_hash, prepare_language
@@ -84,7 +84,8 @@ def test_jsonl_reader_yields_text_other_fields_and_origin(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "suffix, opener", [(".jsonl.gz", gzip.open), (".json.xz", lzma.open), (".JSONL.GZ", gzip.open)]
+    "suffix, opener", [(".jsonl.gz", gzip.open), (".json.xz", lzma.open), (".JSONL.GZ", gzip.open),
+                       (".jsonl.zst", zstandard.open)]
 )
 def test_compressed_jsonl_is_decompressed_while_streaming(tmp_path, suffix, opener):
     path = tmp_path / f"c{suffix}"
@@ -205,6 +206,10 @@ def test_unreadable_files_are_named(tmp_path):
     corrupt.write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:-30])
     with pytest.raises(JpadaptError, match=r"c\.jsonl\.gz: cannot read line \d+ \(corrupt or truncated"):
         read_docs(corrupt)
+    corrupt_zst = tmp_path / "c.jsonl.zst"
+    corrupt_zst.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "a"}\n' * 100)[:-30])
+    with pytest.raises(JpadaptError, match=r"c\.jsonl\.zst: cannot read line \d+ \(corrupt or truncated"):
+        read_docs(corrupt_zst)
     not_parquet = tmp_path / "n.parquet"
     not_parquet.write_bytes(b"not parquet")
     with pytest.raises(JpadaptError, match=r"n\.parquet: not a readable Parquet file"):

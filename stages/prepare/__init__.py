@@ -1,8 +1,9 @@
 """Stage `prepare`: normalize, filter, deduplicate and split the Japanese corpus and the English replay corpus.
 
 Outputs, in `runs/<name>/stages/prepare/`:
-    ja/train-00000.jsonl, ...      cleaned Japanese documents (`text` plus the input record's other fields)
-    ja/heldout-00000.jsonl, ...    held-out documents: the given held-out files, or a seeded document-level split
+    ja/train-FFFFF-KKKKK.jsonl     cleaned Japanese documents (`text` plus the input record's other fields), named
+                                   by input file FFFFF (held-out files first) and shard KKKKK
+    ja/heldout-FFFFF-KKKKK.jsonl   held-out documents: the given held-out files, or a seeded document-level split
     en/...                         the same for the English corpus, when `data.en` is set
     stats.json                     documents, characters and bytes per split; removals by rule
 """
