@@ -70,10 +70,22 @@ class TokenizeShards:
 
     def _tokenizer(self) -> Any:
         # The transformers tokenizer, called as `tokenize_corpus` always calls it: the same ids as one process.
+        # Loading it costs about a second, so a worker process keeps the last one for its next tasks; keyed by the
+        # folder's content, since a later run may save another tokenizer to the same folder.
+        from pipeline.hashing import sha256_file
         from tokenizer.hf import load_hf_tokenizer
 
-        return load_hf_tokenizer(self.tokenizer_dir, trust_remote_code=self.trust_remote_code,
-                                 key="the cpt tokenizer")
+        key = (str(self.tokenizer_dir), self.trust_remote_code,
+               tuple((p.name, sha256_file(p)) for p in sorted(self.tokenizer_dir.iterdir()) if p.is_file()))
+        if _LOADED.get("key") != key:
+            _LOADED.clear()
+            _LOADED.update(key=key, tokenizer=load_hf_tokenizer(self.tokenizer_dir, key="the cpt tokenizer",
+                                                                trust_remote_code=self.trust_remote_code))
+        return _LOADED["tokenizer"]
+
+
+# This process's last loaded tokenizer: {"key": ..., "tokenizer": ...}.
+_LOADED: dict[str, Any] = {}
 
 
 def build_token_cache(

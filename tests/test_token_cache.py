@@ -27,7 +27,7 @@ from data.mixture import (
     load_token_cache,
     tokenize_corpus,
 )
-from data.token_cache import build_token_cache
+from data.token_cache import TokenizeShards, build_token_cache
 from pipeline.errors import JpadaptError
 from tests.helpers.jsonl import read_texts
 from tests.helpers.tiny import byte_bpe_tokenizer
@@ -160,6 +160,16 @@ def test_several_shards_give_the_mixture_blocks_of_one_shard(parallel, reference
     # Resuming mid-run from the sharded corpus reads the same blocks too.
     fresh = Mixture(LanguageStream(parallel, 3, salt=0), LanguageStream(en, 3, salt=1), 0.25, seq_len, seed=3)
     np.testing.assert_array_equal(fresh.blocks(range(917, n)), expected[917:])
+
+
+def test_a_worker_reloads_the_tokenizer_when_the_folder_changes(texts, tmp_path):
+    folder = tmp_path / "tokenizer"
+    byte_bpe_tokenizer(texts, vocab_size=400).save_pretrained(str(folder))
+    task = TokenizeShards((), tmp_path / "cache", folder, bos_id=0, eos_id=1)
+    first = task._tokenizer()
+    assert len(first) == 400 and task._tokenizer() is first  # kept for the worker's next task
+    byte_bpe_tokenizer(texts, vocab_size=300).save_pretrained(str(folder))  # a later run, the same folder
+    assert len(task._tokenizer()) == 300
 
 
 def test_concatenated_tokens_read_like_one_array():
