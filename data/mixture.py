@@ -10,6 +10,10 @@ Cache: `tokenize_corpus` writes `{prefix}.tokens` (uint32, every document as [bo
 `{prefix}.offsets` (int64 document boundaries) and `{prefix}.json` (sizes and ids). The json is written last,
 so its presence marks a complete entry; `load_token_file` maps the files read-only, or says None for an
 entry to rebuild. The cache key (tokenizer, corpus) is the caller's business: one prefix per key.
+A corpus may also be several entries in one folder (one per prepared shard, written in parallel by
+`data/token_cache.py`): `write_token_index` lists them in order in `{folder}/index.json`, written last, and
+`load_token_cache` reads them back as one `TokenFile` (`concatenate_token_files`), without copying their tokens
+into memory; a folder without its index (a build killed halfway) is not a cache entry.
 
 Stream: each language is an endless token stream, epoch e = all its documents in the seeded order
 `default_rng([seed, salt, e]).permutation(n_docs)`, concatenated. Give the two languages different salts so
@@ -44,6 +48,7 @@ from pipeline.errors import JpadaptError
 TOKEN_DTYPE = np.uint32
 OFFSET_DTYPE = np.int64
 FORMAT_VERSION = 1
+TOKEN_INDEX = "index.json"
 # Per-epoch lookup tables cost 16 bytes per document; reads move forward, so the current epoch and the one
 # a block may straddle into are all that is ever needed.
 EPOCHS_CACHED = 2
@@ -56,7 +61,7 @@ EPOCHS_CACHED = 2
 class TokenFile:
     """One language's tokenized corpus: all documents concatenated, each as [bos?] + ids + [eos]."""
 
-    tokens: np.ndarray  # uint32 memmap (read-only), length n_tokens
+    tokens: np.ndarray | ConcatenatedTokens  # uint32 memmap (read-only), or several joined; length n_tokens
     offsets: np.ndarray  # int64, n_docs + 1 entries; document d = tokens[offsets[d]:offsets[d + 1]]
 
     @property
@@ -86,6 +91,8 @@ def tokenize_corpus(
     batch_size: int = 1000,
     total: int | None = None,
     desc: str = "tokenize",
+    progress: bool = True,
+    allow_empty: bool = False,
 ) -> TokenFile:
     """Tokenize `texts` into the cache entry `prefix` (streaming to disk) and return it mapped read-only.
 
@@ -97,6 +104,9 @@ def tokenize_corpus(
         bos_id: put before every document, or None for none (e.g. Qwen has no BOS).
         eos_id: put after every document: the separator between packed documents.
         total: the number of texts, when known, for the progress bar.
+        progress: show a progress bar (on a terminal); parallel tasks that each write an entry do not.
+        allow_empty: write an entry with no documents instead of refusing it (one shard of a larger corpus,
+            whose texts all encode to nothing); `load_token_file(prefix, allow_empty=True)` loads it.
     """
     prefix.parent.mkdir(parents=True, exist_ok=True)
     # Remove the marker first: a run that dies below must not leave an old json vouching for new files.
@@ -105,8 +115,8 @@ def tokenize_corpus(
     n_docs = n_tokens = 0
     with open(_temporary(tokens_path), "wb") as tokens_out, open(_temporary(offsets_path), "wb") as offsets_out:
         np.zeros(1, dtype=OFFSET_DTYPE).tofile(offsets_out)
-        progress = tqdm(total=total, desc=desc, unit="doc", disable=None, leave=False)
-        with progress:
+        bar = tqdm(total=total, desc=desc, unit="doc", disable=None if progress else True, leave=False)
+        with bar:
             for batch in _batches(texts, batch_size):
                 ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
                 flat, ends = _pack([doc for doc in ids if doc], bos_id, eos_id)
@@ -114,15 +124,15 @@ def tokenize_corpus(
                 (ends + n_tokens).tofile(offsets_out)
                 n_docs += len(ends)
                 n_tokens += len(flat)
-                progress.update(len(batch))
-    if n_docs == 0:
+                bar.update(len(batch))
+    if n_docs == 0 and not allow_empty:
         for path in (tokens_path, offsets_path):
             _temporary(path).unlink()
         raise JpadaptError(f"{prefix}: no documents to tokenize (the corpus is empty or all its texts are empty)")
     os.replace(_temporary(tokens_path), tokens_path)
     os.replace(_temporary(offsets_path), offsets_path)
     _write_metadata(prefix, n_docs=n_docs, n_tokens=n_tokens, bos_id=bos_id, eos_id=eos_id)
-    token_file = load_token_file(prefix)
+    token_file = load_token_file(prefix, allow_empty=allow_empty)
     assert token_file is not None, f"{prefix}: the entry just written does not load"
     return token_file
 
@@ -167,8 +177,11 @@ def _write_metadata(prefix: Path, **sizes_and_ids: int | None) -> None:
     os.replace(_temporary(path), path)
 
 
-def load_token_file(prefix: Path) -> TokenFile | None:
-    """The complete cache entry at `prefix` mapped read-only, or None when it is absent, incomplete or stale."""
+def load_token_file(prefix: Path, *, allow_empty: bool = False) -> TokenFile | None:
+    """The complete cache entry at `prefix` mapped read-only, or None when it is absent, incomplete or stale.
+
+    An entry with no documents is None unless `allow_empty` (then its arrays are empty, not mapped).
+    """
     try:
         metadata = json.loads(_file(prefix, ".json").read_text(encoding="utf-8"))
         n_docs, n_tokens = int(metadata["n_docs"]), int(metadata["n_tokens"])
@@ -179,15 +192,123 @@ def load_token_file(prefix: Path) -> TokenFile | None:
             tokens_path: n_tokens * np.dtype(TOKEN_DTYPE).itemsize,
             offsets_path: (n_docs + 1) * np.dtype(OFFSET_DTYPE).itemsize,
         }
-        if n_docs < 1 or any(path.stat().st_size != size for path, size in expected.items()):
+        if n_docs < (0 if allow_empty else 1) or any(path.stat().st_size != size for path, size in expected.items()):
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if n_docs == 0:  # numpy cannot map an empty file
+        return None if n_tokens else TokenFile(tokens=np.zeros(0, TOKEN_DTYPE), offsets=np.zeros(1, OFFSET_DTYPE))
     tokens = np.memmap(tokens_path, dtype=TOKEN_DTYPE, mode="r", shape=(n_tokens,))
     offsets = np.memmap(offsets_path, dtype=OFFSET_DTYPE, mode="r", shape=(n_docs + 1,))
     if offsets[0] != 0 or offsets[-1] != n_tokens:
         return None
     return TokenFile(tokens=tokens, offsets=offsets)
+
+
+class ConcatenatedTokens:
+    """The token arrays of several entries as one read-only uint32 array, without copying them into memory.
+
+    Supports what `LanguageStream` and callers do with `TokenFile.tokens`: `len`, an integer, a slice with step 1
+    and an integer array of positions (gathered from the memory-mapped parts, returned as a new array).
+    """
+
+    dtype = np.dtype(TOKEN_DTYPE)
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = [part for part in parts if len(part)]
+        lengths = np.array([len(part) for part in self.parts], dtype=np.int64)
+        self.ends = np.cumsum(lengths)  # part p holds positions [ends[p] - lengths[p], ends[p])
+        self.starts = self.ends - lengths
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("ConcatenatedTokens: slices must have step 1")
+            return self._take(np.arange(start, max(start, stop), dtype=np.int64))
+        positions = np.asarray(key)
+        if positions.dtype.kind not in "iu":
+            raise IndexError(f"ConcatenatedTokens: index with integers or slices, got {positions.dtype}")
+        if positions.ndim == 0:
+            return self._take(positions.reshape(1))[0]
+        return self._take(positions.astype(np.int64))
+
+    def _take(self, positions: np.ndarray) -> np.ndarray:
+        n, shape = len(self), positions.shape
+        positions = positions.reshape(-1)
+        positions = np.where(positions < 0, positions + n, positions)
+        if len(positions) and (positions.min() < 0 or positions.max() >= n):
+            raise IndexError(f"ConcatenatedTokens: positions must lie in [0, {n}), got {positions.min()}..{positions.max()}")
+        part = np.searchsorted(self.ends, positions, side="right")
+        local = positions - self.starts[part]
+        out = np.empty(len(positions), dtype=TOKEN_DTYPE)
+        # Group the positions by part (a block of a shuffled stream crosses a few documents, so a few parts).
+        order = np.argsort(part, kind="stable")
+        for group in np.split(order, np.flatnonzero(np.diff(part[order])) + 1):
+            if len(group):
+                out[group] = self.parts[part[group[0]]][local[group]]
+        return out.reshape(shape)
+
+
+def concatenate_token_files(files: Sequence[TokenFile]) -> TokenFile:
+    """Several entries as one corpus: their documents in order, exactly as if one `tokenize_corpus` call had
+    written them all. A single entry comes back as is; for several, the tokens stay in their memory-mapped files
+    and only the document offsets (8 bytes per document, as `LanguageStream` keeps per document anyway) are
+    joined in memory."""
+    nonempty = [file for file in files if file.n_docs]
+    if len(nonempty) == 1:
+        return nonempty[0]
+    bases = np.cumsum([0] + [file.n_tokens for file in nonempty], dtype=np.int64)
+    offsets = np.concatenate(
+        [np.zeros(1, dtype=OFFSET_DTYPE)]
+        + [np.asarray(file.offsets[1:], dtype=OFFSET_DTYPE) + base for file, base in zip(nonempty, bases[:-1])]
+    )
+    return TokenFile(tokens=ConcatenatedTokens([file.tokens for file in nonempty]), offsets=offsets)
+
+
+def write_token_index(folder: Path, parts: dict[str, TokenFile], *, bos_id: int | None, eos_id: int) -> None:
+    """Mark the entries `folder/<name>` (complete, in corpus order) as one corpus: the index is written last."""
+    index = {
+        "format": FORMAT_VERSION,
+        "dtype": np.dtype(TOKEN_DTYPE).name,
+        "bos_id": bos_id,
+        "eos_id": eos_id,
+        "n_docs": sum(part.n_docs for part in parts.values()),
+        "n_tokens": sum(part.n_tokens for part in parts.values()),
+        "parts": [{"name": name, "n_docs": part.n_docs, "n_tokens": part.n_tokens} for name, part in parts.items()],
+    }
+    path = folder / TOKEN_INDEX
+    _temporary(path).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    os.replace(_temporary(path), path)
+
+
+def load_token_cache(folder: Path) -> TokenFile | None:
+    """The entries `folder`'s index lists, as one corpus in their order; None when the index is absent (an
+    unfinished build), or an entry is missing, incomplete or not the size the index says."""
+    try:
+        index = json.loads((folder / TOKEN_INDEX).read_text(encoding="utf-8"))
+        if index["format"] != FORMAT_VERSION or index["dtype"] != np.dtype(TOKEN_DTYPE).name:
+            return None
+        parts = []
+        for entry in index["parts"]:
+            part = load_token_file(folder / entry["name"], allow_empty=True)
+            if part is None or (part.n_docs, part.n_tokens) != (entry["n_docs"], entry["n_tokens"]):
+                return None
+            parts.append(part)
+        expected = (int(index["n_docs"]), int(index["n_tokens"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    corpus = concatenate_token_files(parts)
+    if corpus.n_docs == 0 or (corpus.n_docs, corpus.n_tokens) != expected:
+        return None
+    return corpus
 
 
 # ----------------------------------------------------------------------------------------------------- stream

@@ -164,7 +164,7 @@ def cpt_job(folder: Path):
     stage = SimpleNamespace(out_dir=folder, run_dir=folder.parent, seed=7)
     return CptJob(context=job_context(stage, "cpu", 3), model=ModelConfig(from_config={"model_type": "llama"}),
                   extended_from=None, extended_from_name=None, tokenizer_dir=folder / "tokenizer",
-                  tokens={"ja": TokenFiles(prefix=folder / "ja", n_tokens=10, n_docs=2)},
+                  tokens={"ja": TokenFiles(folder=folder / "ja", n_tokens=10, n_docs=2)},
                   heldout={"ja": [folder / "ja_heldout.jsonl"]}, cpt=CptConfig(max_steps=3))
 
 

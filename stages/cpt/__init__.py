@@ -1,7 +1,8 @@
 """Stage `cpt`: continued pretraining on Japanese mixed with English replay, on DeepSpeed ZeRO.
 
 The stage process (`run`) checks everything it can before any GPU is touched, tokenizes the prepared train
-shards once (cached by content under `runs/<name>/.cache/cpt-tokens/`), writes `job.json` and starts the
+shards once, in parallel tasks on the prepare stage's executor (cached by content under
+`runs/<name>/.cache/cpt-tokens/`, `data/token_cache.py`), writes `job.json` and starts the
 training job as a subprocess: one process, DeepSpeed's launcher for several GPUs or nodes, or torchrun for
 this node's GPUs when the cluster starts one `jpadapt` per node (`--node-rank`)
 (`pipeline/launch.py`). Every rank runs the worker (`python -m stages.cpt.worker job.json`, `worker.py`),
@@ -146,16 +147,23 @@ def _check_vocab(model_cfg: ModelConfig, tokenizer: Any) -> None:
 
 def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_dir: Path,
                  ctx: StageContext) -> dict[str, TokenFiles]:
-    """Tokenize the train shards once per (tokenizer, shards) content; later runs and reruns reuse them."""
-    from data.mixture import load_token_file, tokenize_corpus
-    from data.prepare import prepared_shards, prepared_texts
+    """Tokenize the train shards once per (tokenizer, shards) content; later runs and reruns reuse them.
+
+    The shards are tokenized in parallel, one token file each, by datatrove tasks on the prepare stage's executor
+    (`data/token_cache.py`); the workers read a language's files as one corpus, in shard order.
+    """
+    from data.executor import ExecutorSettings
+    from data.mixture import load_token_cache
+    from data.prepare import prepared_shards
+    from data.token_cache import build_token_cache
     from pipeline.hashing import digest, sha256_file
 
     # The shards' hashes are in prepare's manifest already: no second pass over gigabytes of text.
     hashes = {rel: entry["sha256"] for rel, entry in json.loads((prepared / "manifest.json").read_text())["outputs"].items()}
     tokenizer_key = {p.name: sha256_file(p) for p in sorted(tokenizer_dir.iterdir()) if p.is_file()}
+    settings = ExecutorSettings.from_config(cfg.prepare)
     langs = ["ja"] + (["en"] if cfg.cpt.replay_ratio > 0 else [])
-    prefixes = {}
+    entries = {}
     for lang in langs:
         shards = prepared_shards(prepared, lang, "train")
         if not shards:
@@ -167,23 +175,19 @@ def _token_files(cfg: PipelineConfig, prepared: Path, tokenizer: Any, tokenizer_
             "bos": tokenizer.bos_token_id,
             "eos": tokenizer.eos_token_id,
         })[:16]
-        prefix = ctx.run_dir / ".cache" / "cpt-tokens" / key / lang
-        cached = load_token_file(prefix)
+        entry = ctx.run_dir / ".cache" / "cpt-tokens" / key
+        cached = load_token_cache(entry / lang)
         if cached is None:
-            prefix.parent.mkdir(parents=True, exist_ok=True)
-            count = sum(_line_count(shard) for shard in shards)  # one record per line
-            cached = tokenize_corpus(prepared_texts(shards), tokenizer, prefix, bos_id=tokenizer.bos_token_id,
-                                     eos_id=tokenizer.eos_token_id, total=count, desc=f"tokenize {lang}")
+            cached = build_token_cache(
+                shards, entry / lang, tokenizer_dir, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                settings=settings, work_dir=entry / "work" / lang, tasks=cfg.prepare.tasks,
+                trust_remote_code=cfg.model.trust_remote_code, step=f"tokenize {lang}", log=ctx.log,
+            )
         else:
-            ctx.log.info("%s: tokenized train set from the cache (%s)", lang, prefix.parent)
+            ctx.log.info("%s: tokenized train set from the cache (%s)", lang, entry)
         ctx.log.info("%s: %s documents, %s tokens", lang, f"{cached.n_docs:,}", f"{cached.n_tokens:,}")
-        prefixes[lang] = TokenFiles(prefix=prefix, n_tokens=cached.n_tokens, n_docs=cached.n_docs)
-    return prefixes
-
-
-def _line_count(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(1 for _ in f)
+        entries[lang] = TokenFiles(folder=entry / lang, n_tokens=cached.n_tokens, n_docs=cached.n_docs)
+    return entries
 
 
 def _warn_repeats(cfg: PipelineConfig, tokens: dict[str, TokenFiles], steps: int, ctx: StageContext) -> None:
@@ -248,8 +252,10 @@ SPEC = StageSpec(
             "cpt.accelerator", "cpt.eval_every", "cpt.eval_chars", "cpt.save_every"),
     # Launch details, checkpoint retention and the preflight plan check (the vocabulary it assumes is the
     # extend-vocab output, fingerprinted as upstream) do not change what cpt produces.
+    # The prepare section's executor keys decide where the shards are tokenized, never the tokens.
     unhashed=("cpt.master_port", "cpt.hostfile", "cpt.keep_checkpoints", "plan",
-              "extend_vocab.new_tokens", "extend_vocab.pad_to_multiple_of"),
+              "extend_vocab.new_tokens", "extend_vocab.pad_to_multiple_of",
+              "prepare.executor", "prepare.workers", "prepare.tasks", "prepare.slurm", "prepare.ray"),
     inputs=_inputs,
     outputs=("model/config.json", "metrics.jsonl", "forgetting.jsonl", "summary.json",
              "report.md", "forgetting.png"),

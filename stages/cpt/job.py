@@ -16,11 +16,11 @@ Lang = Literal["ja", "en"]
 
 
 class TokenFiles(BaseModel):
-    """A language's tokenized train set in the cache (`data.mixture.load_token_file(prefix)`)."""
+    """A language's tokenized train set in the cache (`data.mixture.load_token_cache(folder)`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    prefix: Path
+    folder: Path
     n_tokens: int = Field(ge=0)
     n_docs: int = Field(ge=0)
 

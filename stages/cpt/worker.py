@@ -90,15 +90,15 @@ class CptRecipe:
         self.clock = Clock(state.get("train_seconds", 0.0), state.get("wall_seconds", 0.0))
 
     def _mixture(self):
-        from data.mixture import LanguageStream, Mixture, load_token_file
+        from data.mixture import LanguageStream, Mixture, load_token_cache
 
         streams = {}
         for salt, lang in enumerate(LANGS):
             entry = self.job.tokens.get(lang)
             if entry is not None:
-                token_file = load_token_file(entry.prefix)
+                token_file = load_token_cache(entry.folder)
                 if token_file is None:
-                    raise JpadaptError(f"{entry.prefix}: tokenized {lang} data is missing or incomplete")
+                    raise JpadaptError(f"{entry.folder}: tokenized {lang} data is missing or incomplete")
                 streams[lang] = LanguageStream(token_file, self.job.context.seed, salt)
         s = self.settings
         return Mixture(streams["ja"], streams.get("en"), s.replay_ratio, s.seq_len, self.job.context.seed)
