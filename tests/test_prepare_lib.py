@@ -250,10 +250,11 @@ def test_japanese_ratio(text, ratio):
 # --------------------------------------------------------------------------------------------- dedup
 
 
-def test_character_shingles_are_the_distinct_ngrams():
+def test_character_shingles_hash_every_ngram():
     text = "あいうえおあいうえおか"
     distinct = {text[i : i + 5] for i in range(len(text) - 4)}
-    assert len(character_shingles(text, 5)) == len(distinct) == 6
+    shingles = character_shingles(text, 5)
+    assert len(shingles) == len(text) - 4 and len(set(shingles.tolist())) == len(distinct) == 6
     assert len(character_shingles("あい", 5)) == 1  # shorter than the n-gram: the whole text is one shingle
     assert not set(character_shingles("あいう", 3)) & set(character_shingles("あいえ", 3))
 
