@@ -258,6 +258,33 @@ def test_ray_cluster_runs_every_task_reports_a_failure_and_resumes(
     assert capfd.readouterr() == ("", "")  # nothing on the console
 
 
+def test_prepare_on_the_ray_cluster_writes_what_it_writes_locally(
+    ray_head: tuple[str, Callable[[], None]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("ray")
+    from ray._private import ray_constants
+
+    from data.assets import stored_path
+    from data.prepare import prepare_language
+    from pipeline.config import CorpusConfig, PrepareConfig
+
+    # Before the private-instance test: a driver that has started a private Ray hung connecting to the cluster
+    # here (and the watchdog's stop then made Ray abort the pytest process).
+    address, stop = ray_head
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # as in the test above
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    train, heldout = [stored_path("corpus/ja_train.jsonl")], [stored_path("corpus/ja_heldout.jsonl")]
+    results = {}
+    for name, opts in {"local": {"workers": 1}, "ray": {"executor": "ray", "ray": {"address": address}}}.items():
+        with watchdog(300, stop):
+            stats = prepare_language("ja", CorpusConfig(train=["x"]), train, heldout, PrepareConfig(**opts), 1234,
+                                     tmp_path / name, display_name=lambda path: path.name)
+        files = {p.name: p.read_bytes() for p in sorted((tmp_path / name / "ja").iterdir())}
+        results[name] = (stats, files)
+    assert results["ray"] == results["local"]
+    assert results["local"][0]["splits"]["train"]["documents"] == 176
+
+
 def test_ray_private_instance_after_a_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capfd: pytest.CaptureFixture[str]) -> None:
     """No address: a private Ray on this machine, listening on 127.0.0.1 (also: the previous test's connection
@@ -285,27 +312,3 @@ def test_ray_private_instance_after_a_cluster(tmp_path: Path, monkeypatch: pytes
     assert not ray.is_initialized()
     assert capfd.readouterr() == ("", "")
 
-
-def test_prepare_on_the_ray_cluster_writes_what_it_writes_locally(
-    ray_head: tuple[str, Callable[[], None]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    pytest.importorskip("ray")
-    from ray._private import ray_constants
-
-    from data.assets import stored_path
-    from data.prepare import prepare_language
-    from pipeline.config import CorpusConfig, PrepareConfig
-
-    address, stop = ray_head
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # as in the test above
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    train, heldout = [stored_path("corpus/ja_train.jsonl")], [stored_path("corpus/ja_heldout.jsonl")]
-    results = {}
-    for name, opts in {"local": {"workers": 1}, "ray": {"executor": "ray", "ray": {"address": address}}}.items():
-        with watchdog(300, stop):
-            stats = prepare_language("ja", CorpusConfig(train=["x"]), train, heldout, PrepareConfig(**opts), 1234,
-                                     tmp_path / name, display_name=lambda path: path.name)
-        files = {p.name: p.read_bytes() for p in sorted((tmp_path / name / "ja").iterdir())}
-        results[name] = (stats, files)
-    assert results["ray"] == results["local"]
-    assert results["local"][0]["splits"]["train"]["documents"] == 176

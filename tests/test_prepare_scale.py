@@ -164,9 +164,20 @@ def test_a_corrupt_record_fails_the_stage_in_one_line_and_commits_nothing(tmp_pa
     assert not (tmp_path / "runs/demo/stages/prepare").exists()
 
 
-def test_executor_settings_do_not_rerun_the_stage(tmp_path):
-    assert jpadapt("prepare", "prepare.workers=2", cwd=tmp_path).returncode == 0
-    status = jpadapt("status", "prepare.workers=1", "prepare.tasks=1", cwd=tmp_path)
+def stage_bytes(stage: Path) -> dict[str, str]:
+    return {p.relative_to(stage).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(stage.rglob("*"))
+            if p.is_file() and p.name not in {"manifest.json", "log.txt", "attempt.json"}}
+
+
+def test_bundled_corpora_give_the_same_bytes_with_1_or_2_workers_and_do_not_rerun(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert jpadapt("prepare", "prepare.workers=2", cwd=two).returncode == 0
+    assert jpadapt("prepare", "prepare.workers=1", "prepare.tasks=1", cwd=one).returncode == 0
+    stage = Path("runs/demo/stages/prepare")
+    assert stage_bytes(one / stage) == stage_bytes(two / stage)
+    assert {"stats.json", "ja/train-00001-00000.jsonl", "en/heldout-00000-00000.jsonl"} <= set(stage_bytes(one / stage))
+    status = jpadapt("status", "prepare.workers=1", "prepare.tasks=1", cwd=two)
     assert status.returncode == 0 and "prepare" in status.stdout and "up to date" in status.stdout, status.stdout
 
 
