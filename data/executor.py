@@ -77,7 +77,7 @@ def run_tasks(
     """Run `pipeline` as `tasks` datatrove tasks and wait for all of them; skip tasks finished before.
 
     Arguments:
-        step: what the tasks do, in progress bars and messages ("prepare ja: scan").
+        step: what the tasks do, in progress bars and messages ("ja scan"; the stage names itself).
         pipeline: datatrove steps and `(data, rank, world_size)` callables; picklable (they travel to workers).
         tasks: how many tasks; task `rank` of `tasks` decides its own share of the work.
         settings: the executor to use.

@@ -106,7 +106,7 @@ def prepare_language(
     heldout_source = "files" if heldout_files else "split"
 
     def step(name: str, pipeline: list[Any], count: int) -> None:
-        run_tasks(f"prepare {lang}: {name}", pipeline, count, settings, work / "logs" / name, log)
+        run_tasks(f"{lang} {name}", pipeline, count, settings, work / "logs" / name, log)
 
     scan = ScanFiles(str(work), lang, corpus, opts, seed, heldout_source, tasks, files, band is not None)
     signatures = [signature_step(work, band, dedup.ngram, seed)] if band else []

@@ -32,7 +32,7 @@ from pipeline.errors import JpadaptError
 from tests.helpers import fake_slurm
 from tests.helpers.executor_steps import BAD_RECORD, WriteRank, outputs, runs
 
-STEP = "prepare ja: scan"
+STEP = "ja scan"
 
 # datatrove's Ray executor still passes placement groups the old way.
 pytestmark = pytest.mark.filterwarnings("ignore:placement_group:DeprecationWarning")
@@ -112,7 +112,7 @@ def test_slurm_runs_every_task_as_configured(slurm_state: Path, tmp_path: Path) 
     assert runs(out) == dict.fromkeys(range(4), 1)
     script = (logs / "launch_script.slurm").read_text().splitlines()
     for option in ("partition=debug", "time=01:00:00", "cpus-per-task=2", "mem-per-cpu=1536M",
-                   "job-name=jp-prepare-ja--scan", "account=abc", "array=0-2"):
+                   "job-name=jp-ja-scan", "account=abc", "array=0-2"):
         assert f"#SBATCH --{option}" in script
     assert not [line for line in script if "--qos" in line or "--mail" in line]
     assert [line for line in script if line.endswith("; export JPADAPT_TEST_ENV=from-env-command")]

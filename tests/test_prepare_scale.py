@@ -151,7 +151,7 @@ def test_hash_split_keeps_the_heldout_copy(tmp_path):
 def test_a_corrupt_record_in_a_worker_names_file_and_line(constructed, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "正しい行です。"}\n{"text": oops}\n', encoding="utf-8")
-    with pytest.raises(JpadaptError, match=r"^prepare ja: scan: bad\.jsonl:2: "):
+    with pytest.raises(JpadaptError, match=r"^ja scan: bad\.jsonl:2: "):
         prepare_language("ja", CorpusConfig(train=["x"]), [*constructed["train"], bad], constructed["heldout"],
                          options(workers=2), 5, tmp_path / "out")
 
