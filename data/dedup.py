@@ -21,6 +21,7 @@ step 3 holds the documents that have a candidate pair, not the corpus.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -220,6 +221,8 @@ class FindPairs:
         from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
         from datatrove.utils.hashing import HashConfig
 
+        _allow_open_files()
+
         if self.band is not None and rank < self.band.bands:
             config = MinhashConfig(num_buckets=self.band.bands, hashes_per_bucket=self.band.rows,
                                    hash_config=HashConfig(precision=32))
@@ -228,6 +231,17 @@ class FindPairs:
             return
         config = MinhashConfig(num_buckets=1, hashes_per_bucket=2, hash_config=HashConfig(precision=64))
         MinhashDedupBuckets(f"{self.work_dir}/exact", f"{self.work_dir}/pairs/exact", config=config).run(None, 0, 1)
+
+
+def _allow_open_files() -> None:
+    """A bucket task holds one signature file of every scan task open: raise this process's soft limit on open
+    files to the hard limit (often 1,024 soft, far more hard), as far as the system allows."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # --------------------------------------------------------------------------------------------- 3. clusters

@@ -47,6 +47,9 @@ from pipeline.errors import JpadaptError
 RULES = ("empty", "too_short", "too_long", "low_japanese_ratio", "exact_duplicate", "near_duplicate")
 FILTER_RULES = RULES[:4]
 SPLITS = ("train", "heldout")
+# Tasks when prepare.tasks is not set: one per file up to this many. Each pairs task merges one file per scan
+# task, all open at once: 10,000 input files as 10,000 tasks would exceed the usual limit of 1,024 open files.
+DEFAULT_MAX_TASKS = 256
 # Documents per duplicate rule named in the stats, so a user can look at what dedup removed.
 DUPLICATE_EXAMPLES = 5
 
@@ -135,9 +138,9 @@ def heldout_by_hash(key: str, seed: int, fraction: float) -> bool:
 
 
 def _assign(files: list[InputFile], tasks: int | None) -> list[list[int]]:
-    """Input files per task: `tasks` (default: one per file) groups of about equal bytes, largest file first.
-    Which task reads a file never changes what is written, only how long it takes."""
-    count = max(1, min(tasks or len(files), len(files)))
+    """Input files per task: `tasks` (default: one per file, at most DEFAULT_MAX_TASKS) groups of about equal
+    bytes, largest file first. Which task reads a file never changes what is written, only how long it takes."""
+    count = max(1, min(tasks or DEFAULT_MAX_TASKS, len(files)))
     groups: list[list[int]] = [[] for _ in range(count)]
     loads = [0] * count
     for file in sorted(files, key=lambda f: (-f.size, f.index)):

@@ -162,7 +162,7 @@ class PrepareConfig(StageSection):
         None, ge=1, description="local or a private Ray: tasks at once (None: every CPU core of this machine)."
     )
     tasks: int | None = Field(
-        None, ge=1, description="Parallel pieces of work (None: one per input file; a file is never split)."
+        None, ge=1, description="Parallel pieces of work (None: one per input file, at most 256; a file is never split)."
     )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -227,3 +227,25 @@ def test_a_killed_prepare_resumes_without_redoing_finished_tasks(tmp_path):
     (fresh / "scale.yaml").write_text(config.read_text(encoding="utf-8"), encoding="utf-8")
     assert jpadapt("prepare", "scale.yaml", cwd=fresh).returncode == 0
     assert output_bytes(fresh / "runs/scale/stages/prepare") == resumed
+
+
+def test_default_task_count_is_one_per_file_up_to_a_cap():
+    from data.prepare import DEFAULT_MAX_TASKS, InputFile, _assign
+
+    files = [InputFile(i, f"/f{i}", f"f{i}", "train", size=1000 + i) for i in range(DEFAULT_MAX_TASKS + 50)]
+    groups = _assign(files, None)
+    assert len(groups) == DEFAULT_MAX_TASKS and sorted(i for g in groups for i in g) == list(range(len(files)))
+    assert len(_assign(files[:3], None)) == 3 and len(_assign(files, 1000)) == len(files)
+
+
+def test_a_bucket_task_raises_its_open_file_limit():
+    code = (
+        "import resource\n"
+        "from data.dedup import _allow_open_files\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        "_allow_open_files()\n"
+        "raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
+        "assert raised > 64 or hard <= 64, (raised, hard)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
