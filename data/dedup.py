@@ -26,9 +26,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupSignature
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.word_tokenizers import WordTokenizer
 
 # Shingles hashed per block when computing one signature: a block is a (shingles x hashes) uint64 matrix,
 # 8,192 x 126 x 8 B = 8 MB, whatever the document length (a 2-million-character document takes 245 blocks).
@@ -50,6 +53,7 @@ REMOVAL = np.dtype([("doc", "<u4"), ("rule", "u1"), ("of_rank", "<u4"), ("of_doc
 # Exact hashes as a one-band "signature" of two 60-bit halves: datatrove's 64-bit signature files hold values
 # below 2**61 - 1.
 EXACT_MASK = (1 << 60) - 1
+EXACT_ROW = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("doc", "<u4")])
 
 
 @dataclass(frozen=True)
@@ -131,73 +135,69 @@ def minhash(shingles: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (mins >> np.uint64(32)).astype(np.uint32)
 
 
-def _signature_step_classes() -> tuple[type, type]:
-    """datatrove's signature step with character shingles. Built on first use: importing datatrove costs
-    ~0.4 s that commands which only read prepared shards should not pay."""
-    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
-    from datatrove.utils.hashing import HashConfig
-    from datatrove.utils.word_tokenizers import WordTokenizer
+class CharacterTokenizer(WordTokenizer):
+    """Characters as datatrove's "words", so that its n-grams are character n-grams."""
 
-    class CharacterTokenizer(WordTokenizer):
-        """Characters as datatrove's "words", so that its n-grams are character n-grams."""
+    def word_tokenize(self, text: str) -> list[str]:
+        return list(text)
 
-        def word_tokenize(self, text: str) -> list[str]:
-            return list(text)
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [text]
 
-        def sent_tokenize(self, text: str) -> list[str]:
-            return [text]
-
-        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-            return [(0, len(text))]
-
-    class CharMinhashSignature(MinhashDedupSignature):
-        name = "MinHash signatures of character n-grams"
-
-        def __init__(self, work_dir: str, band: Banding, ngram: int, seed: int) -> None:
-            config = MinhashConfig(n_grams=ngram, num_buckets=band.bands, hashes_per_bucket=band.rows, seed=seed,
-                                   hash_config=HashConfig(precision=32))
-            super().__init__(output_folder=f"{work_dir}/sigs", config=config, language=CharacterTokenizer())
-            self.work_dir, self.ngram = work_dir, ngram
-            self._a, self._b = signature_parameters(band.hashes, seed)
-            self._full = None
-
-        def get_shingles(self, text: str) -> np.ndarray:
-            return character_shingles(text, self.ngram)
-
-        def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
-            signature = minhash(shingles, self._a, self._b)
-            self._full.write(signature.tobytes())
-            return [band.tolist() for band in np.split(signature, self.config.num_buckets)]
-
-        def run(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
-            full = Path(self.work_dir) / "full"
-            full.mkdir(parents=True, exist_ok=True)
-            with open(full / f"{rank:05d}.bin", "wb") as self._full:
-                super().run(data, rank, world_size)
-
-    return CharMinhashSignature, CharacterTokenizer
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [(0, len(text))]
 
 
-def signature_step(work_dir: Path, band: Banding, ngram: int, seed: int) -> Any:
-    step_class, _ = _signature_step_classes()
-    return step_class(str(work_dir), band, ngram, seed)
+class CharMinhashSignature(MinhashDedupSignature):
+    """datatrove's signature step over character n-grams, hashed vectorised and in blocks (datatrove's own builds
+    one shingles x hashes matrix per document), also writing each whole signature to `full/RRRRR.bin`."""
+
+    name = "MinHash signatures of character n-grams"
+
+    def __init__(self, work_dir: str, band: Banding, ngram: int, seed: int) -> None:
+        config = MinhashConfig(n_grams=ngram, num_buckets=band.bands, hashes_per_bucket=band.rows, seed=seed,
+                               hash_config=HashConfig(precision=32))
+        super().__init__(output_folder=f"{work_dir}/sigs", config=config, language=CharacterTokenizer())
+        self.work_dir, self.ngram = work_dir, ngram
+        self._a, self._b = signature_parameters(band.hashes, seed)
+        self._full: IO[bytes] | None = None
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        return character_shingles(text, self.ngram)
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        signature = minhash(shingles, self._a, self._b)
+        self._full.write(signature.tobytes())
+        return [band.tolist() for band in np.split(signature, self.config.num_buckets)]
+
+    def run(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
+        full = Path(self.work_dir) / "full"
+        full.mkdir(parents=True, exist_ok=True)
+        with open(full / f"{rank:05d}.bin", "wb") as self._full:
+            super().run(data, rank, world_size)
 
 
 class ExactHashWriter:
-    """Collects a task's exact text hashes and writes them, sorted, as a one-band signature file in datatrove's
-    format (`exact/bucket_000/RRRRR.minhash.sig`), so that the same bucket step finds identical texts."""
+    """Writes a task's exact text hashes as a one-band signature file in datatrove's format
+    (`exact/bucket_000/RRRRR.minhash.sig`), sorted when closed, so that the same bucket step finds identical
+    texts. Rows go to the file as they come; only the sort holds them in memory (20 bytes a document)."""
 
     def __init__(self, work_dir: Path, rank: int) -> None:
         self.path = work_dir / "exact" / "bucket_000" / f"{rank:05d}.minhash.sig"
-        self.rows: list[tuple[int, int, int]] = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        self._row = np.zeros(1, dtype=EXACT_ROW)
+        self._count = 0
 
     def add(self, text: str) -> None:
-        self.rows.append((*exact_hash(text), len(self.rows)))
+        self._row[0] = (*exact_hash(text), self._count)
+        self._file.write(self._row.tobytes())
+        self._count += 1
 
     def close(self) -> None:
-        records = np.array(self.rows, dtype=[("h1", "<u8"), ("h2", "<u8"), ("doc", "<u4")])
-        records.sort(order=["h1", "h2", "doc"])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file.close()
+        records = np.fromfile(self.path, dtype=EXACT_ROW)
+        records.sort(order=list(EXACT_ROW.names))
         records.tofile(self.path)
 
 
@@ -218,9 +218,6 @@ class FindPairs:
         return (self.band.bands if self.band else 0) + int(self.exact)
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
-        from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
-        from datatrove.utils.hashing import HashConfig
-
         _allow_open_files()
 
         if self.band is not None and rank < self.band.bands:
@@ -264,7 +261,7 @@ class ClusterDuplicates:
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
         work = Path(self.work_dir)
-        meta = [np.fromfile(work / "meta" / f"{task:05d}.bin", dtype=META) for task in range(self.tasks)]
+        meta = [task_meta(work, task) for task in range(self.tasks)]
         exact_groups, clusters = _UnionFind(), _UnionFind()
         for a, b in _pairs(work / "pairs" / "exact"):
             exact_groups.union(a, b)
@@ -307,6 +304,12 @@ class ClusterDuplicates:
             },
         }
         (work / "dedup.json").write_text(json.dumps(summary, ensure_ascii=False), encoding="utf-8")
+
+
+def task_meta(work: Path, task: int) -> np.ndarray:
+    """A scan task's META rows, memory-mapped: the cluster step looks up only the documents in pairs."""
+    path = work / "meta" / f"{task:05d}.bin"
+    return np.memmap(path, dtype=META, mode="r") if path.stat().st_size else np.zeros(0, dtype=META)
 
 
 def _pairs(folder: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:

@@ -89,7 +89,9 @@ def prepare_language(
             picked up where it stopped if it was made for the same files and task count.
         log: where the steps say what they run.
     """
-    from data.dedup import ClusterDuplicates, FindPairs, banding, signature_step
+    # data.dedup and data.executor import datatrove (~0.4 s), which the stages that only read prepared shards
+    # through this module (prepared_shards, prepared_texts) should not pay: they are imported where used.
+    from data.dedup import CharMinhashSignature, ClusterDuplicates, FindPairs, banding
     from data.executor import ExecutorSettings, run_tasks
 
     # Absolute paths: tasks run in other processes (a forkserver keeps the working directory it started in).
@@ -112,7 +114,7 @@ def prepare_language(
         run_tasks(f"{lang} {name}", pipeline, count, settings, work / "logs" / name, log)
 
     scan = ScanFiles(str(work), lang, corpus, opts, seed, heldout_source, tasks, files, band is not None)
-    signatures = [signature_step(work, band, dedup.ngram, seed)] if band else []
+    signatures = [CharMinhashSignature(str(work), band, dedup.ngram, seed)] if band else []
     step("scan", [scan, *signatures], len(tasks))
     if dedup.exact or dedup.near:
         pairs = FindPairs(str(work), band, dedup.exact)
@@ -306,21 +308,23 @@ class WriteShards:
     max_bytes: int
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
-        from data.dedup import META, REMOVAL, SPLIT_CODES, split_table_line
+        from data.dedup import REMOVAL, SPLIT_CODES, split_table_line, task_meta
 
         work, output = Path(self.work_dir), Path(self.output_dir)
         for index in self.tasks[rank]:  # a rerun after a crash starts these files' shards over
             for split in SPLITS:
                 for stale in output.glob(f"{split}-{index:05d}-*.jsonl"):
                     stale.unlink()
-        meta = np.fromfile(work / "meta" / f"{rank:05d}.bin", dtype=META)
+        meta = task_meta(work, rank)
+        removed = np.zeros(len(meta), dtype=bool)
         removal_file = work / "remove" / f"{rank:05d}.bin"
-        removed = set(np.fromfile(removal_file, dtype=REMOVAL)["doc"].tolist()) if removal_file.exists() else set()
+        if removal_file.exists():
+            removed[np.fromfile(removal_file, dtype=REMOVAL)["doc"]] = True
         split_names = {code: split for split, code in SPLIT_CODES.items()}
         writers: dict[tuple[str, int], ShardWriter] = {}
         with open(work / "docs" / f"{rank:05d}.jsonl", "rb") as table:
             for doc, line in enumerate(table):
-                if doc in removed:
+                if removed[doc]:
                     continue
                 row = meta[doc]
                 key = (split_names[int(row["split"])], int(row["file"]))

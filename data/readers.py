@@ -29,7 +29,7 @@ OnError = Literal["fail", "skip"]
 SKIP_KINDS = ("not_utf8", "invalid_json", "not_an_object", "missing_text", "text_not_string")
 
 FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text", ".parquet": "parquet"}
-OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".zst": lambda path, mode: _zstd_open(path, mode)}
+OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".zst": lambda path, mode: _ZstdLines(path)}
 SUPPORTED = ".jsonl, .json, .txt (each optionally .gz, .xz or .zst), .parquet"
 
 # Rows per Parquet batch: bounds memory at ~512 documents whatever the row group size.
@@ -41,10 +41,6 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number"}
 _JSON_TYPES[float] = _JSON_TYPES[int]
-
-
-def _zstd_open(path: Path, mode: str) -> _ZstdLines:
-    return _ZstdLines(path)
 
 
 class _ZstdLines:
