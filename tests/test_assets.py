@@ -67,7 +67,7 @@ def jsonl(path: Path) -> list[dict]:
 
 def test_manifest_lists_stored_files_and_bundle_is_small() -> None:
     files = manifest()
-    assert assets.bundled_names() == sorted(files) and len(files) == 18  # + eval/prompts.jsonl
+    assert assets.bundled_names() == sorted(files) and len(files) == 19  # + eval/prompts.jsonl
     for name, entry in files.items():
         assert entry["stored"] in (name, name + ".xz")
         assert assets.stored_path(name) == BUNDLE / entry["stored"]
@@ -243,3 +243,15 @@ def test_en_train_sample_keeps_whole_documents(cache: Path) -> None:
     assert all(p == list(range(len(p))) for p in parts.values())
     assert {rec["genre"] for rec in recs} == EN_TRAIN_GENRES
     assert any(len(p) > 1 for p in parts.values())
+
+
+def test_en_pretrain_is_the_rest_of_the_english_train_file(cache: Path) -> None:
+    """bench/forgetting.py pretrains on en_train + en_pretrain: together the whole source file, no record twice,
+    nothing from the held-out side."""
+    train = assets.materialize("corpus/en_train.jsonl").read_bytes().splitlines()
+    rest = assets.materialize("corpus/en_pretrain.jsonl").read_bytes().splitlines()
+    heldout_ids = {json.loads(line)["id"] for line in assets.materialize("corpus/en_heldout.jsonl").read_bytes().splitlines()}
+    assert not set(train) & set(rest)
+    assert len(train) + len(rest) == 87
+    assert not {json.loads(line)["id"] for line in rest} & heldout_ids
+    assert {json.loads(line)["id"] for line in rest}.isdisjoint({json.loads(line)["id"] for line in train})

@@ -14,6 +14,8 @@ Sampling rules:
   the same fraction of its bytes (at least one record), records taken in seeded random order.
 * corpus/en_train.jsonl: ~1.5 MB, stratified the same way by genre, but the unit is the document
   (`id`): a chosen book keeps all its parts, in order.
+* corpus/en_pretrain.jsonl: the rest of the source's English train records (the complement of en_train, in
+  file order): more English for pretraining the small English model of bench/forgetting.py.
 * instruct/ja_instruct_train.jsonl: 1000 of 3000 records, seeded.
 Each sampler gets its own random.Random(SEED), and sampled lines are written in original file
 order, byte-for-byte as read (no JSON re-serialization). Everything else is copied whole.
@@ -77,6 +79,7 @@ PLAN: dict[str, tuple[str, bool, str | None]] = {
     "corpus/ja_train.jsonl": ("corpus/ja_train.jsonl", True, "ja_train"),
     "corpus/ja_heldout.jsonl": ("corpus/ja_heldout.jsonl", True, None),
     "corpus/en_train.jsonl": ("corpus/en_train.jsonl", True, "en_train"),
+    "corpus/en_pretrain.jsonl": ("corpus/en_train.jsonl", True, "en_pretrain"),
     "corpus/en_heldout.jsonl": ("corpus/en_heldout.jsonl", True, None),
     "eval/jglue/jcommonsenseqa-v1.3/train-v1.3.json": ("eval/jglue/jcommonsenseqa-v1.3/train-v1.3.json", True, None),
     "eval/jglue/jcommonsenseqa-v1.3/valid-v1.3.json": ("eval/jglue/jcommonsenseqa-v1.3/valid-v1.3.json", True, None),
@@ -144,6 +147,9 @@ def sample(kind: str, lines: list[bytes]) -> list[bytes]:
         return stratified_lines(lines, JA_TRAIN_BYTES, lambda i, r: i, lambda r: (r["source"], r["genre"]))
     if kind == "en_train":
         return stratified_lines(lines, EN_TRAIN_BYTES, lambda i, r: r["id"], lambda r: (r["source"], r["genre"]))
+    if kind == "en_pretrain":
+        kept = set(sample("en_train", lines))
+        return [line for line in lines if line not in kept]
     if kind == "instruct_train":
         keep = set(random.Random(SEED).sample(range(len(lines)), INSTRUCT_TRAIN_RECORDS))
         return [line for i, line in enumerate(lines) if i in keep]
