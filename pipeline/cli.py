@@ -5,6 +5,8 @@
     jpadapt status [CONFIG] [key=value ...] [--verify] up to date / stale (why) / never run / incomplete
     jpadapt validate [CONFIG] [key=value ...]          check a YAML without running anything
     jpadapt report [CONFIG] [key=value ...] [--out D] the run report: runs/<name>/report.md and report.html
+    jpadapt sweep [CONFIG] KEY=V1,V2,... [key=value ...] [--stage STAGE] [--force]
+                                                       one run directory per value, then a comparison page
 
 After `run` or a stage command that ran something, the run report is rewritten.
 
@@ -96,6 +98,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return 0
     ran = pipeline.execute([args.command], force={args.command} if args.force else set(), only=args.only)
     _finish(pipeline, ran)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run every value of one key in its own run directory (runs/<name>-<KEY>-<value>), sharing the stages the key
+    does not touch, then write the comparison page (runs/<name>-sweep-<KEY>/)."""
+    from pipeline.sweep import plan_sweep, run_sweep, write_page
+
+    path, overrides = _split_positionals(args.args)
+    sweep = plan_sweep(path, overrides, args.stage)
+    if not run_sweep(sweep, args.force, _finish):
+        print("Nothing to do: every value's stages are up to date; the comparison page is rewritten.")
+    paths = write_page(sweep)
+    print(f"Comparison: {paths[-1]}")
     return 0
 
 
@@ -372,6 +388,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     report.add_argument("--out", type=Path, metavar="DIR",
                         help="write report.md and report.html here instead of the run directory (e.g. read-only)")
     commands["report"] = cmd_report
+
+    sweep = sub.add_parser(
+        "sweep", help="run the pipeline once per value of one key (KEY=V1,V2,...) and compare the runs",
+        description="Example: jpadapt sweep cpt.replay_ratio=0,0.1,0.25 --stage cpt. Each value runs in "
+        "<output_dir>/<run.name>-<KEY>-<value>/; stages the key does not change run once and are reused by the other "
+        "values; the comparison page is <output_dir>/<run.name>-sweep-<KEY>/comparison.html.")
+    _add_common(sweep)
+    sweep.add_argument("--stage", choices=[spec.name for spec in available_stages()],
+                       help="run this stage and its prerequisites for each value (default: every enabled stage)")
+    sweep.add_argument("--force", action="store_true",
+                       help="rerun the stages asked for even if up to date, and reuse none of them from a sibling")
+    commands["sweep"] = cmd_sweep
 
     compare = sub.add_parser(
         "compare-tokenizers", help="compare tokenizers on any Japanese (or other) corpus; no YAML needed",

@@ -58,9 +58,7 @@ class HashCache:
                 self._entries = {}
 
     def sha256(self, path: Path) -> str:
-        stat = path.stat()
-        key = str(path.resolve())
-        identity = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+        key, identity = _identity(path)
         cached = self._entries.get(key)
         if not self.verify and isinstance(cached, list) and len(cached) == 5 and cached[:4] == identity:
             return cached[4]
@@ -68,6 +66,13 @@ class HashCache:
         self._entries[key] = [*identity, value]
         self._dirty = True
         return value
+
+    def remember(self, path: Path, sha256: str) -> None:
+        """Record a hash known without reading the file: a hard link to (or a copy of) a file whose hash was just
+        checked against a manifest (a stage reused from another run directory, pipeline/runner.py)."""
+        key, identity = _identity(path)
+        self._entries[key] = [*identity, sha256]
+        self._dirty = True
 
     def describe(self, path: Path) -> dict[str, Any]:
         """{sha256, size} as recorded in manifests."""
@@ -88,6 +93,11 @@ class HashCache:
                 tmp.unlink(missing_ok=True)
             return
         self._dirty = False
+
+
+def _identity(path: Path) -> tuple[str, list[int]]:
+    stat = path.stat()
+    return str(path.resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
 
 
 # The folder holding jpadapt's top-level packages (pipeline/, data/, stages/, ...): a module is first-party when

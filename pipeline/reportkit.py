@@ -1,6 +1,6 @@
 """The report kit every stage report and the run report share: blocks, Markdown, self-contained HTML, PNG figures.
 
-A report is a list of blocks (Heading, Paragraph, Bullets, Table, Definitions, Plot) rendered twice, by
+A report is a list of blocks (Heading, Paragraph, Bullets, Table, Definitions, Plot, Links) rendered twice, by
 `render_markdown` and `render_html`, so the two files always say the same thing. Plots are PNG bytes: inline base64
 in the HTML, and in the Markdown only as links to PNG files a stage saved (`images`).
 
@@ -74,7 +74,15 @@ class Plot:
     caption: str
 
 
-Block = Heading | Paragraph | Bullets | Table | Definitions | Plot
+@dataclass(frozen=True)
+class Links:
+    """Links to other reports, which come as a pair like this one (report.md and report.html): the Markdown links
+    the `.md` file, the HTML the `.html` one."""
+
+    items: list[tuple[str, str]]  # (text, path relative to this page, without the .md / .html suffix)
+
+
+Block = Heading | Paragraph | Bullets | Table | Definitions | Plot | Links
 
 
 def shift_headings(blocks: list[Block], by: int) -> list[Block]:
@@ -187,6 +195,8 @@ def render_markdown(blocks: list[Block], images: dict[int, str] | None = None) -
         elif isinstance(block, Definitions):
             parts.append("\n".join(f"- **{name}**" + (f" (`{key}`)" if key else "") + f": {text}"
                                    for name, key, text in block.items))
+        elif isinstance(block, Links):
+            parts.append("\n".join(f"- [{text}]({path}.md)" for text, path in block.items))
         # Other plots live in the HTML only.
     return "\n\n".join(parts) + "\n"
 
@@ -256,6 +266,9 @@ def _html_block(block: Block) -> str:
         return f"<dl>\n{items}\n</dl>"
     if isinstance(block, Plot):
         return _html_plot(block)
+    if isinstance(block, Links):
+        return "<ul>\n" + "\n".join(f'<li><a href="{html.escape(path)}.html">{html.escape(text)}</a></li>'
+                                     for text, path in block.items) + "\n</ul>"
     raise TypeError(f"unknown report block {type(block).__name__}")
 
 
@@ -363,13 +376,16 @@ def write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
-def write_texts_atomically(folder: Path, texts: dict[str, str]) -> list[Path]:
-    """Write {file name: text} into folder, each through a temporary name renamed into place: an error leaves the
-    previous files (or none) as they were, never a half-written one."""
+def write_texts_atomically(folder: Path, texts: dict[str, str | bytes]) -> list[Path]:
+    """Write {file name: text} into folder (bytes as they are: a PNG), each through a temporary name renamed into
+    place: an error leaves the previous files (or none) as they were, never a half-written one."""
     temporary = {name: folder / f".{name}.{os.getpid()}.tmp" for name in texts}
     try:
         for name, text in texts.items():
-            write_text(temporary[name], text)
+            if isinstance(text, bytes):
+                temporary[name].write_bytes(text)
+            else:
+                write_text(temporary[name], text)
         paths = []
         for name in texts:
             os.replace(temporary[name], folder / name)

@@ -6,7 +6,8 @@ Sections, each present only when its stage is committed (`stages/<stage>/manifes
 `<stage>.partial/` folders are attempts, never read):
 
     Overview      every committed stage (finished, duration, fingerprint, summary), config hash, seed, versions
-                  <- config.yaml, stages/*/manifest.json
+                  <- config.yaml, stages/*/manifest.json; plus a headline line per stage whose StageSpec has an
+                  overview_line hook (cpt: the forgetting verdict <- stages/cpt/forgetting.jsonl)
     one section per committed stage, in pipeline order: its StageSpec.report_section hook (pipeline/stage.py)
                   returns the blocks and the files its numbers come from (stages/__init__.py lists the stages;
                   e.g. stages/evaluate/report.py, stages/cpt/report.py)
@@ -179,16 +180,29 @@ def overview_section(run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[B
     else:
         config_line = "config hash: config.yaml is missing from the run directory"
     lines = [config_line, *environment_lines(stages)]
+    headlines = overview_lines(run_dir, stages)
     blocks: list[Block] = [
         Heading("Overview", 2),
         Paragraph(f"Run {run_dir.name}: {len(stages)} committed stage(s). A stage's fingerprint hashes its settings, "
                   "inputs, code and library versions; `jpadapt status` says which stages the current YAML would "
                   "rerun and why."),
+        *([Bullets(headlines)] if headlines else []),
         table,
         Bullets(lines),
         *library_blocks(stages),
     ]
     return blocks
+
+
+def overview_lines(run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
+    """"stage: line" from the overview_line hook of every committed stage that has one, in pipeline order."""
+    lines = []
+    for spec in stage_specs():
+        if spec.name in stages and spec.overview_line is not None:
+            line = spec.overview_line(SectionContext(spec.name, run_dir, stages))
+            if line:
+                lines.append(f"{spec.name}: {line}")
+    return lines
 
 
 def environment_lines(stages: dict[str, dict[str, Any]]) -> list[str]:
@@ -250,7 +264,7 @@ def reproduce_section(run_dir: Path, stages: dict[str, dict[str, Any]], sections
         lines.append(f"the code: git checkout {next(iter(commits))}"
                      + (" (the source had uncommitted changes, so the commit alone does not reproduce it)"
                         if dirty else ""))
-    rows = [["Overview", "config.yaml, stages/*/manifest.json"]]
+    rows = [["Overview", "config.yaml, stages/*/manifest.json (a stage's headline line: its section's files)"]]
     rows += [[section.title, section.sources] for section in sections]
     return [Heading("Reproduce", 2), Bullets(lines),
             Paragraph("Where each section's numbers come from (paths relative to the run directory):"),

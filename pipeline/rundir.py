@@ -10,6 +10,10 @@
 A stage writes only into `<stage>.partial/`. On success the manifest is written there and the folder is renamed
 into place, so a committed stage folder always holds a complete, successful run. An attempt that crashes or is
 killed leaves its `.partial` folder behind, and the stage reads as incomplete until it is run again.
+
+A committed stage folder is never written again: later stages only read their prerequisites' outputs, and a rerun
+writes a new `.partial` folder that replaces the old one by rename. That is why another run directory may share
+its files through hard links (`link_stage`, the reuse of a stage with the same fingerprint by `jpadapt sweep`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import JpadaptError
-from pipeline.stage import ATTEMPT, MANIFEST, PARTIAL_SUFFIX
+from pipeline.stage import ATTEMPT, LOG, MANIFEST, PARTIAL_SUFFIX
 
 
 def now_iso() -> str:
@@ -102,6 +106,20 @@ def manifest_problem(data: Any) -> str | None:
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)):
             return f"has no sha256 and size for output {rel}"
     return None
+
+
+def link_stage(source: Path, work: Path, manifest: dict[str, Any]) -> None:
+    """Put the outputs a committed stage folder's manifest lists, and its log, into `work` (a `.partial` folder):
+    a hard link per file, or a copy where the filesystem refuses one (`work` on another filesystem, a filesystem
+    without hard links). Sharing the files is safe because neither folder is ever written again (module docstring)."""
+    names = [*manifest["outputs"], *([LOG] if (source / LOG).is_file() else [])]
+    for rel in names:
+        target = work / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source / rel, target)
+        except OSError:  # EXDEV across filesystems, EPERM or EMLINK where links are not allowed
+            shutil.copy2(source / rel, target)
 
 
 class RunDir:

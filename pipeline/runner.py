@@ -20,7 +20,7 @@ from pipeline.fingerprint import ConfigView, explain_change, fingerprint, stage_
 from pipeline.hashing import HashCache
 from pipeline.launch import Node
 from pipeline.paths import display_path
-from pipeline.rundir import RunDir, now_iso
+from pipeline.rundir import RunDir, link_stage, now_iso
 from pipeline.stage import BOOKKEEPING, JOB, LOG, StageContext, StageSpec
 
 UP_TO_DATE = "up to date"
@@ -68,13 +68,16 @@ class Pipeline:
     """One pipeline YAML bound to its run directory."""
 
     def __init__(self, cfg: PipelineConfig, specs: list[StageSpec] | None = None, out: TextIO | None = None,
-                 verify: bool = False, node: Node | None = None):
+                 verify: bool = False, node: Node | None = None, donors: list[RunDir] | None = None):
         """`verify`: re-hash every file instead of trusting the hash cache. `node`: node 0 of a per-node launch
-        (the stages it runs launch this node's ranks); node K > 0 runs `join`, not `execute`."""
+        (the stages it runs launch this node's ranks); node K > 0 runs `join`, not `execute`. `donors`: other run
+        directories (a sweep's siblings), tried in order, whose committed stages `execute` reuses instead of
+        running a stage with exactly the same fingerprint (`_donor`)."""
         self.cfg = cfg
         self.node = node
         self.specs = {spec.name: spec for spec in _ordered(specs if specs is not None else available_stages())}
         self.rundir = RunDir(Path(cfg.run.output_dir) / cfg.run.name)
+        self.donors = [d for d in donors or [] if d.root.resolve() != self.rundir.root.resolve()]
         self.cache = HashCache(self.rundir.root / ".cache" / "hashes.json", verify=verify)
         self.out = out if out is not None else sys.stdout  # looked up now: callers may redirect stdout
         self._check_requirements()
@@ -144,7 +147,7 @@ class Pipeline:
         reasons = []
         if manifest["fingerprint"] != fingerprint(current):
             reasons += explain_change(manifest["state"], current)
-        reasons += self._changed_outputs(name, manifest)
+        reasons += changed_outputs(self.rundir.stage_dir(name), manifest, self.cache)
         for required in self.reads(name):
             before = (prerequisite_states or {}).get(required)
             if before is not None and before.state != UP_TO_DATE:
@@ -159,27 +162,23 @@ class Pipeline:
             self.cache.save()
         return list(result.values())
 
-    def _changed_outputs(self, name: str, manifest: dict[str, Any]) -> list[str]:
-        stage_dir = self.rundir.stage_dir(name)
-        reasons = []
-        for rel, entry in manifest["outputs"].items():
-            path = stage_dir / rel
-            if not path.is_file():
-                reasons.append(f"output {rel} is missing")
-            elif path.stat().st_size != entry["size"] or self.cache.sha256(path) != entry["sha256"]:
-                reasons.append(f"output {rel} was modified")
-        return reasons
-
     # ------------------------------------------------------------------ execution
 
-    def execute(self, targets: list[str], force: set[str], only: bool = False) -> bool:
-        """Run `targets` (and, unless `only`, their out-of-date prerequisites). True if anything ran."""
+    def plan(self, targets: list[str], only: bool = False) -> list[str]:
+        """The stages `execute` goes through, in order: `targets` and, unless `only`, what they read. Checks first
+        that every target is enabled and that every planned stage's external files exist."""
         for name in targets:
             if not self.cfg.enabled(name):
                 why = "not in the config" if self.cfg.section(name) is None else "disabled (enabled: false)"
                 raise JpadaptError(f"stage {name} is {why}")
         plan = targets if only else _merge_ordered([self.closure(t) for t in targets], self.stage_names())
         self._check_inputs(plan)
+        return plan
+
+    def execute(self, targets: list[str], force: set[str], only: bool = False) -> bool:
+        """Run `targets` (and, unless `only`, their out-of-date prerequisites). True if anything ran or was reused
+        from a donor. A forced stage runs even if up to date, and is never reused."""
+        plan = self.plan(targets, only)
         self.rundir.lock()
         try:
             self._write_config()
@@ -196,7 +195,11 @@ class Pipeline:
                 if status.state == UP_TO_DATE and name not in force:
                     self._say(f"{name}: up to date")
                 else:
-                    self._run_one(name, status, forced=name in force)
+                    donor = None if name in force else self._donor(name, status)
+                    if donor is not None:
+                        self._reuse(name, *donor)
+                    else:
+                        self._run_one(name, status, forced=name in force)
                     ran = True
                     status = StageStatus(name, UP_TO_DATE)
                 states[name] = status
@@ -240,6 +243,43 @@ class Pipeline:
             spec = self.specs[name]
             if spec.inputs is not None:
                 spec.inputs(self.cfg)
+
+    def _donor(self, name: str, status: StageStatus) -> tuple[RunDir, dict[str, Any]] | None:
+        """The first donor whose committed `name` has exactly the fingerprint this run would give it, outputs
+        intact (sizes and sha256 as its manifest records them) and no other command running in it."""
+        if status.current is None:
+            return None
+        wanted = fingerprint(status.current)
+        for donor in self.donors:
+            manifest = donor.manifest(name)
+            if manifest is None or manifest["fingerprint"] != wanted or donor.locked_elsewhere():
+                continue
+            # The donor's own hash cache knows its files, so gigabytes of shards are not read again. It is only
+            # read: this command writes in its own run directory alone.
+            cache = HashCache(donor.root / ".cache" / "hashes.json", verify=self.cache.verify)
+            if not changed_outputs(donor.stage_dir(name), manifest, cache):
+                return donor, manifest
+        return None
+
+    def _reuse(self, name: str, donor: RunDir, manifest: dict[str, Any]) -> None:
+        """Commit the donor's stage here as if it had run here: its files linked into `<stage>.partial/`, its
+        manifest (fingerprint, times, environment) as is, then the usual rename."""
+        work, _ = self.rundir.begin(name, manifest["fingerprint"], keep_partial=False)
+        try:
+            link_stage(donor.stage_dir(name), work, manifest)
+        except OSError as exc:
+            self.rundir.fail(name, "failed", f"reusing {donor.root}: {exc}")
+            raise JpadaptError(f"{name}: cannot reuse the outputs of {donor.root} ({exc})") from None
+        except KeyboardInterrupt:
+            self.rundir.fail(name, "interrupted", None)
+            raise StageInterrupted(name) from None
+        final = self.rundir.commit(name, manifest)
+        # The hashes were just checked on these very files (hard links) or their sources (copies). A new link
+        # changes the file's ctime, which the hash cache keys on, so the donor (and any other run directory sharing
+        # the file) re-hashes it once.
+        for rel, entry in manifest["outputs"].items():
+            self.cache.remember(final / rel, entry["sha256"])
+        self._say(f"{name}: reused from {donor.root} (same fingerprint)")
 
     def _run_one(self, name: str, status: StageStatus, forced: bool) -> None:
         spec = self.specs[name]
@@ -330,6 +370,18 @@ class Pipeline:
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
+
+
+def changed_outputs(stage_dir: Path, manifest: dict[str, Any], cache: HashCache) -> list[str]:
+    """Why the outputs in `stage_dir` are not those its manifest records; none when they are."""
+    reasons = []
+    for rel, entry in manifest["outputs"].items():
+        path = stage_dir / rel
+        if not path.is_file():
+            reasons.append(f"output {rel} is missing")
+        elif path.stat().st_size != entry["size"] or cache.sha256(path) != entry["sha256"]:
+            reasons.append(f"output {rel} was modified")
+    return reasons
 
 
 def _ordered(specs: list[StageSpec]) -> list[StageSpec]:

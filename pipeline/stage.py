@@ -54,6 +54,8 @@ class StageSpec:
     report_section: the stage's section of the run report (pipeline/run_report.py), from its committed outputs;
         None (or a hook that returns None) gives the stage an overview row only. `lazy("module:function")` keeps
         the report code unimported until the report is written.
+    overview_line: one line the run report's Overview shows for the committed stage, from its outputs (cpt: what
+        the run did to English and Japanese); None, or a hook that returns None, shows nothing.
     """
 
     name: str
@@ -69,6 +71,7 @@ class StageSpec:
     worker: str | None = None
     resumable: bool = False
     report_section: Callable[[SectionContext], Section | None] | None = None
+    overview_line: Callable[[SectionContext], str | None] | None = None
 
     @property
     def section(self) -> str:

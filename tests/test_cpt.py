@@ -27,7 +27,8 @@ from pipeline.config import ModelConfig
 from pipeline.launch import free_port
 from pipeline.models import load_causal_lm, save_model_folder
 from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, run_cli, state_of
-from tests.helpers.jsonl import read_jsonl, read_texts
+from tests.helpers.corpora import data_section, write_corpus_slices
+from tests.helpers.jsonl import read_jsonl
 from tests.helpers.pickles import Planted
 from tests.helpers.tensorboard import board_counts
 from tests.helpers.tiny import byte_bpe_tokenizer, pickle_only_copy
@@ -62,14 +63,7 @@ RECORDED_FULL_LOGITS = {
 def workspace(tmp_path_factory) -> Path:
     """Corpora (a slice of the bundled ones) and a small byte-level BPE tokenizer folder."""
     root = tmp_path_factory.mktemp("cpt")
-    slices = {"ja_train": ("corpus/ja_train.jsonl", 24), "ja_heldout": ("corpus/ja_heldout.jsonl", 6),
-              "en_train": ("corpus/en_train.jsonl", 4), "en_heldout": ("corpus/en_heldout.jsonl", 3)}
-    texts = {}
-    for name, (bundled, count) in slices.items():
-        # English records are whole books: a slice of each keeps the corpora small.
-        texts[name] = [text[:20_000] for text in read_texts(bundled)[:count]]
-        with open(root / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"id": f"{name}-{i}", "text": text}, ensure_ascii=False) + "\n" for i, text in enumerate(texts[name]))
+    texts = write_corpus_slices(root)
     tokenizer = byte_bpe_tokenizer(texts["ja_train"] + texts["en_train"])
     tokenizer.save_pretrained(str(root / "tokenizer"))
     # The same tiny model as a folder, to load from model.path (under ZeRO-3: straight into partitions).
@@ -90,8 +84,7 @@ def write_config(workspace: Path, out: Path, model_path: Path | None = None, **c
         "run": {"name": "t", "seed": 7, "output_dir": str(out)},
         "model": ({"tokenizer": str(workspace / "tokenizer"), "from_config": TINY_LLAMA} if model_path is None
                   else {"path": str(model_path)}),
-        "data": {lang: {"train": str(workspace / f"{lang}_train.jsonl"),
-                        "heldout": str(workspace / f"{lang}_heldout.jsonl")} for lang in ("ja", "en")},
+        "data": data_section(workspace),
         "prepare": {"min_chars": 20},
         "cpt": settings,
     }
@@ -336,6 +329,22 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(workspace, tmp_path):
     result = run_cpt(config)
     assert "resuming from step0000000" in result.stdout
     assert [m["step"] for m in read_jsonl(stage_dir(out) / "metrics.jsonl")] == list(range(1, 9))
+
+
+def test_verdict_says_which_way_each_language_moved():
+    from stages.cpt.report import verdict
+
+    def evals(en: tuple[float, float], ja: tuple[float, float]) -> list[dict]:
+        return [{"step": step, "tokens": 64 * step, "en": {"bits_per_byte": e}, "ja": {"bits_per_byte": j}}
+                for step, e, j in ((0, en[0], ja[0]), (12, en[1], ja[1]))]
+
+    assert verdict(evals((1.234, 1.357), (3.21, 2.754))) == (
+        "English forgot +0.123 bits/byte (1.234 -> 1.357); Japanese gained 0.456 bits/byte (3.210 -> 2.754)")
+    assert verdict(evals((1.5, 1.25), (2.0, 2.5))) == (
+        "English improved by 0.250 bits/byte (1.500 -> 1.250); Japanese lost 0.500 bits/byte (2.000 -> 2.500)")
+    assert verdict(evals((1.5, 1.5002), (2.0, 1.0))).startswith("English unchanged (1.500 -> 1.500); ")
+    assert verdict(evals((1.5, 1.4), (2.0, 1.0))[:1]) is None  # the base model's evaluation only
+    assert verdict([{k: v for k, v in e.items() if k != "en"} for e in evals((1, 1), (2, 1))]) is None
 
 
 def test_replay_ratio_is_part_of_the_fingerprint(zero2):

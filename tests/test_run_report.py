@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
 import itertools
 import json
@@ -28,7 +29,9 @@ from pipeline import cli, reportkit, run_report
 from pipeline.run_report import write_run_report
 from tests.helpers.browser import dump_dom
 from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
-from tests.helpers.jsonl import read_jsonl, read_texts
+from tests.helpers.corpora import data_section, write_corpus_slices, write_jsonl
+from tests.helpers.forgetting import assert_verdict_matches
+from tests.helpers.jsonl import read_jsonl
 from tests.helpers.markdown import table_rows
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
@@ -50,20 +53,14 @@ def workspace(tmp_path_factory) -> Path:
     """Slices of the bundled corpora and instructions, and two pipeline YAMLs: full.yaml (every stage this
     version has, tiny) and small.yaml (prepare + tokenizer-report)."""
     root = tmp_path_factory.mktemp("run-report")
-    slices = {"ja_train": ("corpus/ja_train.jsonl", 24), "ja_heldout": ("corpus/ja_heldout.jsonl", 6),
-              "en_train": ("corpus/en_train.jsonl", 4), "en_heldout": ("corpus/en_heldout.jsonl", 3)}
-    for name, (bundled, count) in slices.items():
-        # English records are whole books: a slice of each keeps the corpora small.
-        texts = [text[:20_000] for text in read_texts(bundled)[:count]]
-        write_jsonl(root / f"{name}.jsonl", [{"id": f"{name}-{i}", "text": t} for i, t in enumerate(texts)])
+    write_corpus_slices(root)
     with lzma.open(stored_path("instruct/ja_instruct_train.jsonl"), "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line, _ in zip(f, range(16), strict=False)]
     records = [{"instruction": r["instruction"], "input": r["input"][:30], "output": r["output"]} for r in records]
     write_jsonl(root / "sft_train.jsonl", records)
     write_jsonl(root / "sft_heldout.jsonl", records[:4])
 
-    data = {lang: {"train": str(root / f"{lang}_train.jsonl"), "heldout": str(root / f"{lang}_heldout.jsonl")}
-            for lang in ("ja", "en")}
+    data = data_section(root)
     small = {"run": {"name": "small", "seed": 7, "output_dir": str(root / "runs")}, "data": data,
              "prepare": {"min_chars": 20},
              "tokenizer_report": {"tokenizers": {"llama2": "llama2"}, "baseline": "llama2", "max_documents": 3}}
@@ -88,11 +85,6 @@ def workspace(tmp_path_factory) -> Path:
     for name, config in (("small", small), ("full", full)):
         (root / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return root
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def run_pipeline(workspace: Path, name: str) -> tuple[Path, str]:
@@ -290,6 +282,21 @@ def test_training_sections_show_the_curves_numbers(full):
     for png in ("stages/cpt/forgetting.png", "stages/sft/loss.png", "stages/evaluate/bits_per_byte.png",
                 "stages/evaluate/jglue.png"):
         assert (run_dir / png).is_file() and f"]({png})" in md
+
+
+def test_the_cpt_verdict_heads_the_overview_and_the_forgetting_section(full):
+    run_dir, _ = full
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    evals = read_jsonl(run_dir / "stages" / "cpt" / "forgetting.jsonl")
+    overview = md.split("## Overview\n")[1].split("\n## ")[0]
+    lines = [line for line in overview.splitlines() if line.startswith("- cpt: ")]
+    assert len(lines) == 1, overview
+    verdict = lines[0].removeprefix("- cpt: ")
+    assert_verdict_matches(verdict, evals)
+    forgetting = md.split("### Forgetting curve\n")[1]
+    assert forgetting.lstrip("\n").startswith(f"Verdict: {verdict}.\n")
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert f"<li>cpt: {html.escape(verdict)}</li>" in page
 
 
 def test_evaluation_section_shows_every_model_of_the_run(full):

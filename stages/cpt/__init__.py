@@ -262,5 +262,6 @@ SPEC = StageSpec(
     libraries=("safetensors",),
     worker=WORKER,
     report_section=lazy("stages.cpt.report:report_section"),
+    overview_line=lazy("stages.cpt.report:overview_line"),
     resumable=True,
 )

@@ -3,6 +3,7 @@
     write_report(stage_dir)     # reads summary.json, forgetting.jsonl, metrics.jsonl; writes report.md,
                                 # report.html and forgetting.png
     stage_blocks(stage_dir)     # the same blocks, for the run report (pipeline/run_report.py)
+    verdict(evals)              # "English forgot +0.123 bits/byte (...); Japanese gained ..." from forgetting.jsonl
 
 Every number printed comes from those three files, so a test can recompute the report from the run directory.
 Bits per byte is the headline (comparable across vocabularies); loss per token is shown beside it.
@@ -44,6 +45,11 @@ def write_report(stage_dir: Path) -> None:
     kit.write_text(stage_dir / "report.html", kit.render_html(blocks, TITLE))
 
 
+def overview_line(ctx: SectionContext) -> str | None:
+    """The run report's Overview line for cpt (StageSpec.overview_line): the forgetting verdict."""
+    return verdict(kit.read_jsonl(ctx.stage_dir / "forgetting.jsonl"))
+
+
 def report_section(ctx: SectionContext) -> Section:
     """The run report's section (StageSpec.report_section of cpt): this report, the plot linked from report.md."""
     blocks = stage_blocks(ctx.stage_dir)
@@ -56,6 +62,33 @@ def report_section(ctx: SectionContext) -> Section:
 
 def languages(evals: list[dict[str, Any]]) -> list[str]:
     return [lang for lang in LANG_NAMES if evals and lang in evals[0]]
+
+
+def endpoints(evals: list[dict[str, Any]], lang: str) -> tuple[float, float]:
+    """Bits per byte of the base model (the step-0 evaluation, before any training) and at the end."""
+    return evals[0][lang]["bits_per_byte"], evals[-1][lang]["bits_per_byte"]
+
+
+def verdict(evals: list[dict[str, Any]]) -> str | None:
+    """What the run did to each language, in one line, from forgetting.jsonl alone:
+    "English forgot +0.123 bits/byte (1.234 -> 1.357); Japanese gained 0.456 bits/byte (3.210 -> 2.754)".
+    None with fewer than two evaluations or without both languages at the first and the last."""
+    if len(evals) < 2 or any(lang not in evals[0] or lang not in evals[-1] for lang in ("en", "ja")):
+        return None
+    # Bits per byte up is worse: English up is what the run forgot, Japanese down is what it gained.
+    english = _movement("English", *endpoints(evals, "en"), ("forgot +", "improved by "))
+    japanese = _movement("Japanese", *endpoints(evals, "ja"), ("lost ", "gained "))
+    return f"{english}; {japanese}"
+
+
+def _movement(language: str, base: float, final: float, words: tuple[str, str]) -> str:
+    """words[0] when bits per byte rose, words[1] when it fell; a change that rounds to 0.000 is "unchanged"."""
+    change = final - base
+    numbers = f"({base:.3f} -> {final:.3f})"
+    if f"{abs(change):.3f}" == "0.000":
+        return f"{language} unchanged {numbers}"
+    word = words[0] if change > 0 else words[1]
+    return f"{language} {word}{abs(change):.3f} bits/byte {numbers}"
 
 
 def change_lines(evals: list[dict[str, Any]]) -> list[str]:
@@ -143,7 +176,11 @@ def saving_lines(saving: dict[str, Any]) -> list[str]:
 
 def build_blocks(summary: dict[str, Any], evals: list[dict[str, Any]], steps: list[dict[str, Any]], plot: Plot) -> list:
     blocks: list = [Heading(TITLE, 1), Bullets(setup_lines(summary))]
-    blocks += [Heading("Forgetting curve", 2), plot]
+    blocks.append(Heading("Forgetting curve", 2))
+    line = verdict(evals)
+    if line:
+        blocks.append(Paragraph(f"Verdict: {line}."))
+    blocks.append(plot)
     changes = change_lines(evals)
     if changes:
         blocks.append(Bullets(changes))
@@ -166,17 +203,33 @@ def build_blocks(summary: dict[str, Any], evals: list[dict[str, Any]], steps: li
 
 def plot_curves(evals: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Plot:
     with kit.plot_style():
-        fig, (left, right) = kit.figure(10, 4, ncols=2)
-        for lang in languages(evals):
-            left.plot([e["step"] for e in evals], [e[lang]["bits_per_byte"] for e in evals], marker="o",
-                      color=LANG_COLORS[lang], label=f"{LANG_NAMES[lang]} held-out")
-        left.set(title="Bits per byte (lower is better)", xlabel="step", ylabel="bits per byte")
-        left.legend(frameon=False)
-        left.grid(alpha=0.3)
+        # 15 x 4.2 in: three panels of 5 x 4.2 in, wide enough for legible tick labels at 100 dpi.
+        fig, (ja, en, loss) = kit.figure(15, 4.2, ncols=3)
+        for lang, ax in (("ja", ja), ("en", en)):
+            if lang in languages(evals):
+                draw_language(ax, lang, [(f"{LANG_NAMES[lang]} held-out", evals, LANG_COLORS[lang])])
         if steps:
-            right.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="#555555", lw=1)
-        right.set(title="Training loss (nats/token, JA+EN mixture)", xlabel="step", ylabel="loss")
-        right.grid(alpha=0.3)
+            loss.plot([s["tokens"] for s in steps], [s["loss"] for s in steps], color="#555555", lw=1)
+        loss.set(title="Training loss (nats/token, JA+EN mixture)", xlabel="training tokens", ylabel="loss")
+        loss.grid(alpha=0.3)
         image = kit.png(fig)
     return Plot(image, "forgetting curves",
-                "Left: held-out bits per byte at every evaluation. Right: training loss per step.")
+                "Left and middle: Japanese and English held-out bits per byte against the training tokens seen, at "
+                "every evaluation; dashed: the base model (the evaluation at step 0). Right: training loss per step.")
+
+
+def draw_language(ax: Any, lang: str, runs: list[tuple[str, list[dict[str, Any]], str]]) -> None:
+    """One language's held-out bits per byte against training tokens: a line per (label, evals, colour), and each
+    run's base-model level (its step-0 evaluation) as a dashed reference line, drawn once when runs share it."""
+    bases: list[float] = []
+    for label, evals, color in runs:
+        ax.plot([e["tokens"] for e in evals], [e[lang]["bits_per_byte"] for e in evals], marker="o", color=color,
+                label=label)
+        if evals[0][lang]["bits_per_byte"] not in bases:
+            bases.append(evals[0][lang]["bits_per_byte"])
+    for i, level in enumerate(bases):
+        ax.axhline(level, color="#888888", ls="--", lw=1, label="base model" if i == 0 else None)
+    ax.set(title=f"{LANG_NAMES[lang]} bits per byte (lower is better)", xlabel="training tokens",
+           ylabel="bits per byte")
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
