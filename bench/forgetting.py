@@ -28,6 +28,7 @@ stay in --out; rerunning the script reuses the base model and every finished run
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -204,7 +205,7 @@ def pretrain(folder: Path, spec: BaseSpec, prepared: Path) -> dict[str, Any]:
     seconds = time.monotonic() - started
     model.save_pretrained(str(folder), safe_serialization=True)
     record = {"spec": asdict(spec), "params": sum(p.numel() for p in model.parameters()),
-              "train_tokens_available": int(len(stream)), "seconds": round(seconds, 1), "curve": curve}
+              "train_tokens_available": len(stream), "seconds": round(seconds, 1), "curve": curve}
     record_path.write_text(json.dumps(record, indent=1), encoding="utf-8")
     return record
 
@@ -249,7 +250,7 @@ def pipeline_yaml(out: Path, name: str, model: Path | None, seed: int, ratio: fl
 
 def jpadapt(command: str, config: Path, log: Path) -> None:
     with log.open("a", encoding="utf-8") as handle:
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", command, str(config)], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", command, str(config)], cwd=ROOT, check=False,
                               stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         sys.exit(f"jpadapt {command} {config} failed (exit {done.returncode}); see {log}")
@@ -319,25 +320,42 @@ def aggregate(results: dict[str, dict[str, Any]], ratios: list[float], seeds: li
             row["en_base"], row["ja_base"] = runs[0]["en_base"], runs[0]["ja_base"]
             rows.append(row)
         baseline = rows[0]
-        for row in rows[1:]:
-            # Separated when the means differ by more than twice the larger seed spread: a crude but honest bar.
-            spread = max(row["en_forgetting_sd"], baseline["en_forgetting_sd"])
+        for previous, row in itertools.pairwise(rows):
             row["en_vs_no_replay"] = row["en_forgetting"] - baseline["en_forgetting"]
-            row["separated"] = abs(row["en_vs_no_replay"]) > 2 * spread
+            row["separated"] = separated(row, baseline)
+            row["en_vs_previous"] = row["en_forgetting"] - previous["en_forgetting"]
+            row["separated_from_previous"] = separated(row, previous)
         table[budget] = rows
     return table
+
+
+def separated(row: dict[str, Any], other: dict[str, Any]) -> bool:
+    """English forgetting of two ratios differs by more than twice the larger seed SD: a crude but honest bar."""
+    spread = max(row["en_forgetting_sd"], other["en_forgetting_sd"])
+    return abs(row["en_forgetting"] - other["en_forgetting"]) > 2 * spread
+
+
+def shape_of(rows: list[dict[str, Any]]) -> str:
+    """Whether English forgetting falls as replay grows, telling real rises from seed noise."""
+    rises = [row for row in rows[1:] if row["en_vs_previous"] > 0]
+    if not rises:
+        return "falls monotonically as replay grows"
+    described = ", ".join(f"r={row['ratio']:g} is {row['en_vs_previous']:+.3f} above the ratio before it"
+                          f"{' (within the seed spread)' if not row['separated_from_previous'] else ' (beyond the seed spread)'}"
+                          for row in rises)
+    real = any(row["separated_from_previous"] for row in rises)
+    return (f"does NOT fall monotonically: {described}" if real
+            else f"falls monotonically within noise: {described}")
 
 
 def verdict_lines(table: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = []
     for budget, rows in table.items():
         forgetting = [row["en_forgetting"] for row in rows]
-        monotone = all(a >= b for a, b in zip(forgetting, forgetting[1:]))
         gains = [row["ja_gain"] for row in rows]
         lines.append(
             f"{budget}: English forgetting {', '.join(f'{f:+.3f}' for f in forgetting)} bits/byte for r = "
-            f"{', '.join(format(row['ratio'], 'g') for row in rows)}: "
-            f"{'falls monotonically' if monotone else 'does NOT fall monotonically'} as replay grows; Japanese gain "
+            f"{', '.join(format(row['ratio'], 'g') for row in rows)}: {shape_of(rows)}; Japanese gain "
             f"{gains[0]:.3f} -> {gains[-1]:.3f} bits/byte; separated from r = 0 beyond 2 seed SDs: "
             + ", ".join(f"r={row['ratio']:g} {'yes' if row['separated'] else 'no'}" for row in rows[1:]))
     return lines
@@ -365,9 +383,9 @@ def markdown(table: dict[str, list[dict[str, Any]]], base: dict[str, Any], cpt: 
          f"{base['train_tokens_available']:,}-token English train text: bundled en_train + en_pretrain), AdamW lr "
          f"{spec['lr']:g}, cosine to {spec['min_lr_ratio']:g}x, in {base['seconds'] / 60:.1f} min."),
         "",
-        f"English held-out bits per byte by step: {en_curve}. The last {spec['eval_every']} steps gained "
+        (f"English held-out bits per byte by step: {en_curve}. The last {spec['eval_every']} steps gained "
         f"{last_drop:.3f} bits/byte of the {total_drop:.3f} pretraining gained: {shape}. The Japanese held-out "
-        f"level of the base is {curve[-1]['ja']['bits_per_byte']:.3f} bits/byte (it has read no Japanese).",
+        f"level of the base is {curve[-1]['ja']['bits_per_byte']:.3f} bits/byte (it has read no Japanese)."),
         "",
         "## CPT on Japanese from that model, with English replay", "",
         (f"The real `cpt` stage, {cpt.seq_len}-token sequences x {cpt.micro_batch} per step, lr {cpt.lr:g} (warmup "
@@ -384,8 +402,8 @@ def markdown(table: dict[str, list[dict[str, Any]]], base: dict[str, Any], cpt: 
               "equal_steps": f"Equal steps ({cpt.ja_steps} steps in every run; replay takes Japanese tokens' place)"}
     for budget, rows in table.items():
         lines += [f"### {titles[budget]}", "",
-                  "| replay_ratio | steps | JA tokens | EN tokens | EN bits/byte (base -> final) | EN forgetting | "
-                  "vs r=0 | JA bits/byte (base -> final) | JA gain | worker wall |",
+                  ("| replay_ratio | steps | JA tokens | EN tokens | EN bits/byte (base -> final) | EN forgetting | "
+                  "vs r=0 | JA bits/byte (base -> final) | JA gain | worker wall |"),
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in rows:
             versus = ("—" if "en_vs_no_replay" not in row else
@@ -432,24 +450,28 @@ def plot_curves(results: dict[str, dict[str, Any]], table: dict[str, list[dict[s
 
 
 def plot_tradeoff(table: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """English forgetting against Japanese gain, one point per ratio with seed-SD error bars, per budget."""
+    """The choice a user makes: English forgetting and final Japanese bits/byte against replay_ratio, per budget,
+    mean over seeds with SD error bars. Forgetting on a symmetric-log axis: r = 0 forgets several times more."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for marker, (budget, rows) in zip(("o", "s"), table.items()):
-        ax.errorbar([r["ja_gain"] for r in rows], [r["en_forgetting"] for r in rows],
-                    xerr=[r["ja_gain_sd"] for r in rows], yerr=[r["en_forgetting_sd"] for r in rows],
-                    marker=marker, capsize=3, label=budget.replace("_", " "))
-        for row in rows:
-            ax.annotate(f"{row['ratio']:g}", (row["ja_gain"], row["en_forgetting"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
-    ax.set(xlabel="Japanese gain (bits/byte, higher is better)", ylabel="English forgetting (bits/byte, lower is better)",
-           title="Replay ratio trade-off (labels: replay_ratio)")
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
+        ratios = [r["ratio"] for r in rows]
+        label = budget.replace("_", " ")
+        left.errorbar(ratios, [r["en_forgetting"] for r in rows], yerr=[r["en_forgetting_sd"] for r in rows],
+                      marker=marker, capsize=3, label=label)
+        right.errorbar(ratios, [r["ja_final"] for r in rows], yerr=[r["ja_final_sd"] for r in rows],
+                       marker=marker, capsize=3, label=label)
+    left.set_yscale("symlog", linthresh=0.1)
+    left.set(xlabel="replay_ratio", ylabel="bits/byte (lower is better)",
+             title="English forgetting: final - base model")
+    right.set(xlabel="replay_ratio", ylabel="bits/byte (lower is better)", title="Japanese held-out bits/byte, final")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -459,8 +481,15 @@ def plot_tradeoff(table: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 
 def experiment(out: Path, ratios: list[float], seeds: list[int], base_spec: BaseSpec, cpt: CptSpec,
-               say=print) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Run (or reuse) everything; return (pretrain record, {run: result}, aggregated table)."""
+               say=print, report_only: bool = False
+               ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Run (or reuse) everything; return (pretrain record, {run: result}, aggregated table). `report_only`: read
+    the finished runs as they are, without asking jpadapt whether they are up to date (a code change since would
+    make it rerun them)."""
+    if report_only:
+        base = json.loads((out / "base-model" / "pretrain.json").read_text(encoding="utf-8"))
+        results = {run_name(b, r, s): run_result(out, run_name(b, r, s)) for b, r, s, _ in planned_runs(ratios, seeds, cpt.ja_steps)}
+        return base, results, aggregate(results, ratios, seeds, cpt.ja_steps)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "jpadapt.log"
     prep = pipeline_yaml(out, "prepare-only", None, 0, 0.0, 1, cpt, base_spec)
@@ -493,13 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ja-steps", type=int, default=CptSpec.ja_steps)
     parser.add_argument("--cpt-lr", type=float, default=CptSpec.lr)
     parser.add_argument("--pretrain-steps", type=int, default=BaseSpec.steps)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results from the finished runs in --out")
     args = parser.parse_args(argv)
     if sorted(args.ratios) != args.ratios or args.ratios[0] != 0:
         parser.error("--ratios must start at 0 and increase")
     base_spec = BaseSpec(steps=args.pretrain_steps)
     cpt = CptSpec(ja_steps=args.ja_steps, lr=args.cpt_lr)
-    base, results, table = experiment(args.out, args.ratios, args.seeds, base_spec, cpt)
-    command = "python bench/forgetting.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    base, results, table = experiment(args.out, args.ratios, args.seeds, base_spec, cpt, report_only=args.report_only)
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = "python bench/forgetting.py " + " ".join(given)
     stem = args.results
     stem.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(results, table, stem.with_suffix(".png"))
