@@ -191,6 +191,13 @@ def test_zero2_two_processes_learn_and_report(zero2):
     assert (folder / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_two_processes_leave_no_shared_memory_behind(zero2):
+    """DeepSpeed's CPU all-reduce maps a /dev/shm segment per rank and never unlinks it (pipeline/launch.py)."""
+    config = yaml.safe_load((stage_dir(zero2).parent.parent / "config.yaml").read_text(encoding="utf-8"))
+    port = config["cpt"]["master_port"]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 @pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_losses_equal_the_recorded_full_logits_losses(name, request):
     """2 processes, fp32, 2 micro batches a step, tied embeddings; ZeRO-3 loads the folder into partitions."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import pickle
@@ -298,3 +299,21 @@ def test_resuming_drops_what_the_killed_attempt_logged_after_the_checkpoint(tmp_
     counts = board_counts(tmp_path / TENSORBOARD_DIR)
     assert counts == {**{(tag, step): 1 for tag in ("train/loss", "train/lr") for step in range(1, 7)},
                       ("eval/bpb", 3): 1}
+
+
+def test_shared_memory_of_the_finished_job_is_removed_and_nothing_else(tmp_path, monkeypatch):
+    """DeepSpeed's shm all-reduce names a segment per rank by uid, master address and port, and never unlinks it."""
+    from pipeline import launch
+
+    monkeypatch.setattr(launch, "SHM_DIR", tmp_path)
+    uid = os.getuid()
+    ours = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_34655_{rank}" for rank in (0, 1)]
+    others = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_4655_0",     # another job whose port is a suffix
+              f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_346550_0",   # and a prefix of ours
+              f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_34655_0",  # another user's
+              "unrelated_34655_0"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x")
+    job = launch.Job([sys.executable, "-c", "pass"], {}, 2, 34655)
+    assert launch.run_job(job, logging.getLogger("test")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
