@@ -129,7 +129,7 @@ def test_slurm_failed_task_cancels_the_job_and_a_rerun_resumes(slurm_state: Path
     settings = ExecutorSettings(kind="slurm", slurm=SlurmConfig())  # no partition: the cluster's default
     started = time.monotonic()
     with watchdog(120, lambda: fake_slurm.stop_all(slurm_state)), pytest.raises(JpadaptError) as failed:
-        run_tasks(STEP, [WriteRank(out, fail_rank=1, slow_rank=2)], 3, settings, logs)
+        run_tasks(STEP, [WriteRank(out, fail_rank=1, slow_rank=2, fail_after=0)], 3, settings, logs)
 
     assert str(failed.value) == f"{STEP}: {BAD_RECORD} (see {task_log(logs, 1)})"
     assert "Traceback" in task_log(logs, 1).read_text()

@@ -16,10 +16,13 @@ BAD_RECORD = "x.jsonl:3: bad record"
 class WriteRank:
     """Each task writes `rank_N.json` into `out`: its rank, the world size, JPADAPT_TEST_ENV and, on Ray, the
     node addresses datatrove gives it. It appends a line to `ran_N` whenever it starts. `fail_rank` raises our
-    error; `slow_rank` sleeps first (a task still running when another fails)."""
+    error, once rank `fail_after` has written its output when that is given (so that a test knows which task had
+    finished when the failure cancelled the rest, however loaded the machine); `slow_rank` sleeps first (a task
+    still running when another fails)."""
 
-    def __init__(self, out: Path, fail_rank: int | None = None, slow_rank: int | None = None) -> None:
-        self.out, self.fail_rank, self.slow_rank = out, fail_rank, slow_rank
+    def __init__(self, out: Path, fail_rank: int | None = None, slow_rank: int | None = None,
+                 fail_after: int | None = None) -> None:
+        self.out, self.fail_rank, self.slow_rank, self.fail_after = out, fail_rank, slow_rank, fail_after
 
     def __repr__(self) -> str:
         return f"WriteRank(fail_rank={self.fail_rank}, slow_rank={self.slow_rank})"
@@ -28,6 +31,11 @@ class WriteRank:
         with (self.out / f"ran_{rank}").open("a") as ran:
             ran.write("ran\n")
         if rank == self.fail_rank:
+            deadline = time.monotonic() + 30
+            while self.fail_after is not None and not (self.out / f"rank_{self.fail_after}.json").exists():
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             raise JpadaptError(BAD_RECORD)
         if rank == self.slow_rank:
             time.sleep(60)
