@@ -134,13 +134,6 @@ def heldout_texts(prepared: Path, lang: str, max_chars: int) -> list[str]:
     return capped_texts(prepared_texts(prepared_shards(prepared, lang, "heldout")), max_chars)
 
 
-def lr_at(step: int, spec: BaseSpec) -> float:
-    if step < spec.warmup:
-        return spec.lr * (step + 1) / spec.warmup
-    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
-    return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def pretrain(folder: Path, spec: BaseSpec, prepared: Path) -> dict[str, Any]:
     """Pretrain the English base model into `folder` (an HF folder with the tokenizer), unless it is there with the
     same spec. Returns pretrain.json: the spec, the English/Japanese held-out curve and the time it took."""
@@ -155,6 +148,7 @@ def pretrain(folder: Path, spec: BaseSpec, prepared: Path) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from eval.perplexity import bits_per_byte
+    from pipeline.training import decay_groups, lr_schedule
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
@@ -166,12 +160,11 @@ def pretrain(folder: Path, spec: BaseSpec, prepared: Path) -> dict[str, Any]:
                          max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
     model = LlamaForCausalLM(config)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
+    # The same optimizer groups and schedule as cpt's (pipeline/training.py).
+    optimizer = torch.optim.AdamW(decay_groups(model, spec.weight_decay), lr=spec.lr, betas=(0.9, 0.95))
+    schedule = lr_schedule(spec.lr, spec.warmup, spec.steps, spec.min_lr_ratio)
     heldout = {lang: heldout_texts(prepared, lang, spec.eval_chars) for lang in ("en", "ja")}
-    blocks = (len(stream) - 1) // spec.seq_len
+    blocks = len(stream) // spec.seq_len
     rng = np.random.default_rng(spec.seed)
     order = np.concatenate([rng.permutation(blocks) for _ in range(math.ceil(spec.steps * spec.batch / blocks) + 1)])
 
@@ -190,10 +183,10 @@ def pretrain(folder: Path, spec: BaseSpec, prepared: Path) -> dict[str, Any]:
     bar = tqdm(range(spec.steps), desc="pretrain (English)", unit="step")
     for step in bar:
         picks = order[step * spec.batch:(step + 1) * spec.batch]
-        batch = torch.from_numpy(np.stack([stream[b * spec.seq_len: b * spec.seq_len + spec.seq_len + 1] for b in picks]))
+        batch = torch.from_numpy(np.stack([stream[b * spec.seq_len:(b + 1) * spec.seq_len] for b in picks]))
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, spec)
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+            group["lr"] = schedule(step)
+        loss = model(input_ids=batch, labels=batch).loss  # transformers shifts the labels
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -424,12 +417,15 @@ COLORS = ["#1b1b1b", "#6a3d9a", "#1f78b4", "#33a02c", "#e31a1c", "#ff7f00"]
 
 def plot_curves(results: dict[str, dict[str, Any]], table: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """EN and JA bits/byte vs Japanese tokens seen, per budget, mean over seeds, base level dashed."""
-    import matplotlib
+    from pipeline import reportkit as kit
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with kit.plot_style():
+        fig, axes = kit.figure(12, 8, ncols=2, nrows=2)
+        draw_curves(axes, results, table)
+        path.write_bytes(kit.png(fig))
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex="row")
+
+def draw_curves(axes: Any, results: dict[str, dict[str, Any]], table: dict[str, list[dict[str, Any]]]) -> None:
     for row_axes, (budget, rows) in zip(axes, table.items()):
         for column, lang in enumerate(("en", "ja")):
             ax = row_axes[column]
@@ -444,20 +440,20 @@ def plot_curves(results: dict[str, dict[str, Any]], table: dict[str, list[dict[s
                    ylabel="bits per byte")
             ax.grid(alpha=0.3)
         row_axes[0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_tradeoff(table: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """The choice a user makes: English forgetting and final Japanese bits/byte against replay_ratio, per budget,
     mean over seeds with SD error bars. Forgetting on a symmetric-log axis: r = 0 forgets several times more."""
-    import matplotlib
+    from pipeline import reportkit as kit
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with kit.plot_style():
+        fig, (left, right) = kit.figure(11, 4.2, ncols=2)
+        draw_tradeoff(left, right, table)
+        path.write_bytes(kit.png(fig))
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+
+def draw_tradeoff(left: Any, right: Any, table: dict[str, list[dict[str, Any]]]) -> None:
     for marker, (budget, rows) in zip(("o", "s"), table.items()):
         ratios = [r["ratio"] for r in rows]
         label = budget.replace("_", " ")
@@ -472,9 +468,6 @@ def plot_tradeoff(table: dict[str, list[dict[str, Any]]], path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -326,14 +326,14 @@ def plot_style(families: list[str] | None = None) -> Iterator[None]:
         yield
 
 
-def figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
-    """A constrained-layout Figure on the Agg canvas and its axes (one Axes, or an array of ncols)."""
+def figure(width: float, height: float, ncols: int = 1, nrows: int = 1) -> tuple[Any, Any]:
+    """A constrained-layout Figure on the Agg canvas and its axes (one Axes, or an array of nrows x ncols)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols)
+    return fig, fig.subplots(nrows, ncols)
 
 
 def png(fig: Any) -> bytes:

@@ -95,12 +95,11 @@ def change_lines(evals: list[dict[str, Any]]) -> list[str]:
     """First vs last evaluation, per language: what the run did to each."""
     if len(evals) < 2:
         return []
-    first, last = evals[0], evals[-1]
     lines = []
     for lang in languages(evals):
-        before, after = first[lang]["bits_per_byte"], last[lang]["bits_per_byte"]
-        lines.append(f"{LANG_NAMES[lang]} bits per byte: {before:.4f} at step {first['step']} -> {after:.4f} at "
-                     f"step {last['step']} ({after - before:+.4f}, {(after - before) / before:+.1%})")
+        before, after = endpoints(evals, lang)
+        lines.append(f"{LANG_NAMES[lang]} bits per byte: {before:.4f} at step {evals[0]['step']} -> {after:.4f} at "
+                     f"step {evals[-1]['step']} ({after - before:+.4f}, {(after - before) / before:+.1%})")
     return lines
 
 
