@@ -10,7 +10,7 @@ Defaults: ~20 min on 2 CPU cores. The table goes to the console and to bench/res
 1. Reference: what the stage reports for the pretrained model, with the stage's own pieces: held-out text from
    the real `prepare` stage (bundled corpora, prepare defaults) cut by `stages.evaluate.heldout_texts`, JGLUE
    requests grouped by their few-shot prefix by `stages.evaluate.task_requests` (seed 1234), then
-   `eval.perplexity.bits_per_byte` and `eval.jglue.score_items` / `accuracy` (Wilson 95% intervals). The whole
+   `eval.perplexity.bits_per_byte` and `eval.multiple_choice.score_items` / `accuracy` (Wilson 95% intervals). The whole
    JCommonsenseQA valid split (1,119) at each of `--shots`, the whole JNLI valid split (2,434) at 0 shots
    (`--jnli-shots` to add more), JA and EN bits per byte on the first `--max-chars` characters of each held-out
    set. `--limit N` scores only the first N items of each task (a quick run).
@@ -19,7 +19,7 @@ Defaults: ~20 min on 2 CPU cores. The table goes to the console and to bench/res
      (minus its last token) returning the logits of every position over the whole vocabulary, log-softmax, sum
      of the continuation's log-probabilities: lm-evaluation-harness's `_loglikelihood_tokens` at batch size 1,
      written out independently of jpadapt (its own tokenization, the harness's `_encode_pair` whitespace move);
-   - jpadapt, batch 1: `eval.jglue.score_items(batch_size=1)`: logits only for the continuation's positions
+   - jpadapt, batch 1: `eval.multiple_choice.score_items(batch_size=1)`: logits only for the continuation's positions
      (`logits_to_keep`), no batching;
    - jpadapt: `score_items(batch_size=8)`: the stage's default, requests batched longest first, right-padded.
    The items are cut into `--speed-blocks` blocks and the sides take turns block by block (the order rotating),
@@ -94,7 +94,7 @@ def reference(model: Any, tokenizer: Any, heldout: dict[str, list[str]], args: a
 
     import torch
 
-    from eval.jglue import accuracy, chance_and_majority, score_items
+    from eval.multiple_choice import accuracy, chance_and_majority, score_items
     from eval.perplexity import bits_per_byte
     from pipeline.config import EvaluateConfig
     from stages.evaluate import positions, task_requests
@@ -175,7 +175,7 @@ def harness_request(tokenizer: Any, context: str, continuation: str) -> tuple[li
 
 
 def jpadapt_logliks(model: Any, tokenizer: Any, items: list[Any], batch_size: int) -> list[list[float]]:
-    from eval.jglue import score_items
+    from eval.multiple_choice import score_items
 
     return [list(s.loglik) for s in score_items(model, tokenizer, items, batch_size=batch_size, progress=False)]
 
@@ -185,7 +185,7 @@ def speed(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any
 
     import torch
 
-    from eval.jglue import accuracy, load_task
+    from eval.multiple_choice import accuracy, load_task
 
     items = load_task("jcommonsenseqa")[: args.speed_items]
     runners = {
@@ -229,7 +229,7 @@ def speed(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any
 
 
 def _scores(values: list[float], item: Any) -> Any:
-    from eval.jglue import ChoiceScores
+    from eval.multiple_choice import ChoiceScores
 
     return ChoiceScores(loglik=tuple(values), tokens=(1,) * len(values),
                         chars=tuple(len(c.lstrip()) for c in item.choices))
@@ -284,7 +284,7 @@ def reference_lines(ref: dict[str, Any], settings: dict[str, Any]) -> list[str]:
                      f"| {r['bits_per_byte']:.4f} | {r['loss']:.4f} | {r['ppl']:.2f} | {r['seconds']:.0f} |")
     lines += [
         "",
-        (f"JGLUE v1.3 valid splits, choice log-likelihood (`eval.jglue`), batch {settings['batch_size']}, few-shot "
+        (f"JGLUE v1.3 valid splits, choice log-likelihood (`eval.multiple_choice`), batch {settings['batch_size']}, few-shot "
          f"examples drawn with seed {SEED} (JCommonsenseQA: from train; JNLI: from valid, never the question). "
          "acc / acc_norm with 95% Wilson intervals (correct/total)."),
         "",

@@ -266,7 +266,7 @@ def part_evaluate(work: Path, s: dict[str, Any], gpu: bool) -> dict[str, Any]:
     """The demo model's scores on the device against the CPU's, with the evaluate stage's scorers."""
     import torch
 
-    from eval.jglue import load_task
+    from eval.multiple_choice import load_task
     from eval.perplexity import bits_per_byte
     from pipeline.config import load_config
 

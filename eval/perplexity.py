@@ -210,7 +210,7 @@ def tail_nats(model: Any, rows: list[list[int]], scored: list[int], device: torc
               keep_logits: bool) -> list[float]:
     """For each token row, the summed negative log-likelihood (nats) of its last `scored` tokens given all the
     tokens before them. One right-padded forward pass; log-softmax in float32, sums in float64. Also the
-    multiple-choice scorer's (`eval.jglue`): a continuation is the scored tail of context + continuation."""
+    multiple-choice scorer's (`eval.multiple_choice`): a continuation is the scored tail of context + continuation."""
     lengths = [len(row) for row in rows]
     width = max(lengths)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)

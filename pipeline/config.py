@@ -357,9 +357,16 @@ class SftConfig(StageSection):
         return self
 
 
+def _default_tasks() -> tuple[str, ...]:
+    from eval.tasks import DEFAULT_TASKS
+
+    return DEFAULT_TASKS
+
+
 class EvaluateConfig(StageSection):
     """Every model the run produced (base, extend-vocab, cpt, sft adapter) plus `extra_models`, side by side:
-    held-out bits per byte, JGLUE accuracy and greedy generations."""
+    held-out bits per byte, the bundled benchmark suite (JA and EN tasks under published prompts) and greedy
+    generations."""
 
     extra_models: list[str] = Field(default_factory=list, description="More local HF folders to put in the table.")
     max_documents: int | None = Field(None, gt=0, description="Held-out documents per language for bits per byte.")
@@ -369,10 +376,18 @@ class EvaluateConfig(StageSection):
                         "model's positions).")
     stride: int = Field(512, ge=1, description="Tokens scored per window after the first.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
-    tasks: list[Literal["jcommonsenseqa", "jnli"]] = Field(default_factory=lambda: ["jcommonsenseqa", "jnli"])
-    num_fewshot: list[int] = Field(default_factory=lambda: [0], description="Solved examples before each "
-                                   "question; one evaluation per entry.")
+    tasks: list[str] = Field(default_factory=lambda: list(_default_tasks()), description="Bundled benchmark "
+                             "tasks (eval.tasks): the harness's task names (ja_leaderboard_jcommonsenseqa, hellaswag, "
+                             "gsm8k, ...) or jpadapt's own prompts (jcommonsenseqa, jnli).")
+    num_fewshot: list[int] | None = Field(None, description="Solved examples before each question, one evaluation "
+                                          "per entry for every task; null: each task's published count.")
     limit: int | None = Field(None, gt=0, description="Score only the first N items of each task.")
+    max_gen_tokens: int | None = Field(None, ge=1, description="Cap on the tokens generated per answer of a "
+                                       "generative task; null: each task's own limit.")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="More tasks run through "
+                                     "lm-evaluation-harness (the [lm-eval] extra) on the same models.")
+    lm_eval_include_path: str | None = Field(None, description="A folder of local lm-evaluation-harness task "
+                                             "YAMLs (point their datasets at local files: nothing is downloaded).")
     prompts: list[str] = Field(default_factory=lambda: ["bundled:eval/prompts.jsonl"],
                                description="JSONL prompts for greedy generations; [] for none.")
     max_new_tokens: int = Field(64, ge=1)
@@ -383,13 +398,32 @@ class EvaluateConfig(StageSection):
     def _stride(self) -> EvaluateConfig:
         if self.stride > self.window:
             raise ValueError(f"stride ({self.stride}) is larger than window ({self.window})")
-        if any(k < 0 for k in self.num_fewshot):
-            raise ValueError(f"num_fewshot entries must be 0 or more, got {self.num_fewshot}")
-        if len(set(self.num_fewshot)) != len(self.num_fewshot):
-            raise ValueError(f"num_fewshot lists a value twice: {self.num_fewshot}")
+        if self.num_fewshot is not None:
+            if any(k < 0 for k in self.num_fewshot):
+                raise ValueError(f"num_fewshot entries must be 0 or more, got {self.num_fewshot}")
+            if len(set(self.num_fewshot)) != len(self.num_fewshot) or not self.num_fewshot:
+                raise ValueError(f"num_fewshot must list distinct values (or be null), got {self.num_fewshot}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks lists a task twice: {self.tasks}")
+        if len(set(self.lm_eval_tasks)) != len(self.lm_eval_tasks):
+            raise ValueError(f"lm_eval_tasks lists a task twice: {self.lm_eval_tasks}")
         return self
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from eval.tasks import get_task
+
+        for name in tasks:
+            try:
+                get_task(name)
+            except JpadaptError as exc:
+                raise ValueError(str(exc)) from None
+        return tasks
+
+    def shots(self, task: Any) -> list[int]:
+        """The few-shot counts an eval.tasks.TaskSpec is evaluated at: num_fewshot, else its published count."""
+        return task.shot_counts(list(self.num_fewshot) if self.num_fewshot is not None else [task.num_fewshot])
 
 
 # --------------------------------------------------------------------------------------------- the whole file

@@ -16,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from eval.jglue import Item, chance_and_majority, load_task, wilson_interval
+from eval.multiple_choice import Item, chance_and_majority, wilson_interval
+from eval.tasks import get_task, mc_items, metric_values
 from pipeline.config import ModelConfig
 from pipeline.launch import free_port
 from pipeline.models import load_causal_lm, save_model_folder
@@ -26,10 +27,13 @@ from tests.helpers.tiny import byte_bpe_tokenizer, pickle_only_copy
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 512, "tie_word_embeddings": True, "initializer_range": 0.25}
+              "max_position_embeddings": 2048, "tie_word_embeddings": True, "initializer_range": 0.25}
 SEQ_LEN = 64
 EVAL_CHARS = 2000
 LIMIT = 6
+# jpadapt's own prompt, a harness prompt, a generative task and the harness's "multiple input" mode.
+TASKS = {"jcommonsenseqa": "acc", "ja_leaderboard_jnli": "acc", "ja_leaderboard_mgsm": "acc", "xwinograd_en": "acc"}
+MC_TASKS = ("jcommonsenseqa", "ja_leaderboard_jnli", "xwinograd_en")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -69,6 +73,7 @@ def write_config(workspace: Path, out: Path, *, stages: tuple[str, ...] = ("cpt"
         "prepare": {"dedup": {"near": False}},
         "evaluate": {"max_chars": EVAL_CHARS, "window": SEQ_LEN, "stride": SEQ_LEN // 2, "batch_size": 4,
                      "limit": LIMIT, "num_fewshot": [0, 2], "prompts": [str(workspace / "prompts.jsonl")],
+                     "tasks": list(TASKS), "max_gen_tokens": 6,
                      "max_new_tokens": 6, "extra_models": [str(workspace / "model")], "accelerator": "cpu",
                      **evaluate},
     }
@@ -117,11 +122,11 @@ def test_every_model_of_the_run_side_by_side(run):
     assert sft["quantization"] == "nf4" and sft["adapter"] == "stages/sft/adapter"
     # The run's folders are named relative to the run directory; the others as given.
     assert [m["source"] for m in results["models"][1:3]] == ["stages/cpt/model", "stages/cpt/model"]
-    assert set(results["lm"]) == set(results["jglue"]["results"]) == {"base", "cpt", "sft", "model"}
+    assert set(results["lm"]) == set(results["tasks"]["results"]) == {"base", "cpt", "sft", "model"}
     # The extra folder is the base folder: every figure must agree exactly.
     assert results["lm"]["model"] == results["lm"]["base"]
-    assert results["jglue"]["results"]["model"] == results["jglue"]["results"]["base"]
-    for name in ("report.md", "report.html", "bits_per_byte.png", "jglue.png"):
+    assert results["tasks"]["results"]["model"] == results["tasks"]["results"]["base"]
+    for name in ("report.md", "report.html", "bits_per_byte.png", "tasks.png"):
         assert (stage(run) / name).stat().st_size > 0
 
 
@@ -173,16 +178,18 @@ def test_base_bits_per_byte_matches_a_hand_computation_on_the_bundled_text(run, 
     assert base["bits_per_byte"] == pytest.approx(nats / (n_bytes * math.log(2)), rel=1e-5)
 
 
-def test_jglue_accuracies_and_intervals_recompute_from_predictions(run):
+def test_task_metrics_and_intervals_recompute_from_predictions(run):
     results = results_of(run)
     predictions = read_jsonl(stage(run) / "predictions.jsonl")
-    assert len(predictions) == 4 * 2 * 2 * LIMIT  # models x tasks x shots x items
-    for task in ("jcommonsenseqa", "jnli"):
-        items = load_task(task)[:LIMIT]
+    assert len(predictions) == 4 * (3 * 2 + 1) * LIMIT  # models x (tasks x shots; xwinograd 0-shot only) x items
+    definitions = results["tasks"]["definitions"]
+    for task in MC_TASKS:
+        items = mc_items(task)[:LIMIT]
         chance, majority = chance_and_majority(items)
-        assert results["jglue"]["baselines"][task] == {"items": LIMIT, "chance": chance, "majority": majority}
-        for name, per_task in results["jglue"]["results"].items():
-            for shots in ("0", "2"):
+        assert (definitions[task]["items"], definitions[task]["chance"], definitions[task]["majority"]) == (
+            LIMIT, chance, majority)
+        for name, per_task in results["tasks"]["results"].items():
+            for shots in ("0", "2") if task != "xwinograd_en" else ():
                 rows = [p for p in predictions if p["model"] == name and p["task"] == task and str(p["shots"]) == shots]
                 assert [p["id"] for p in rows] == [item.id for item in items]
                 for key, normalized in (("acc", False), ("acc_norm", True)):
@@ -190,6 +197,14 @@ def test_jglue_accuracies_and_intervals_recompute_from_predictions(run):
                     metrics = per_task[task][shots][key]
                     assert (metrics["correct"], metrics["total"]) == (correct, LIMIT)
                     assert (metrics["ci_low"], metrics["ci_high"]) == pytest.approx(wilson_interval(correct, LIMIT))
+    spec = get_task("ja_leaderboard_mgsm")
+    docs = {d.id: d for d in spec.load()[:LIMIT]}
+    for name, per_task in results["tasks"]["results"].items():
+        rows = [p for p in predictions if p["model"] == name and p["task"] == spec.name and p["shots"] == 2]
+        assert [p["id"] for p in rows] == list(docs)
+        values = [metric_values(spec, docs[p["id"]], p["generation"])["acc"] for p in rows]
+        assert [p["metrics"]["acc"] for p in rows] == values
+        assert per_task[spec.name]["2"]["acc"]["correct"] == sum(values)
 
 
 def _argmax(prediction: dict, normalized: bool) -> int:
@@ -198,15 +213,14 @@ def _argmax(prediction: dict, normalized: bool) -> int:
 
 
 def test_fewshot_prompts_change_the_scores_and_never_show_the_question(run):
-    from eval.jglue import fewshot_examples
-
     predictions = read_jsonl(stage(run) / "predictions.jsonl")
-    zero = [p["loglik"] for p in predictions if p["model"] == "base" and p["shots"] == 0]
-    two = [p["loglik"] for p in predictions if p["model"] == "base" and p["shots"] == 2]
+    zero = [p["loglik"] for p in predictions if p["model"] == "base" and p["shots"] == 0 and "loglik" in p]
+    two = [p["loglik"] for p in predictions if p["model"] == "base" and p["shots"] == 2 and "loglik" in p]
     assert zero != two
-    pool = load_task("jnli")
-    for item in pool[:LIMIT]:
-        assert item.id not in {ex.id for ex in fewshot_examples("jnli", 2, 7, pool, item.id)}
+    spec = get_task("ja_leaderboard_jnli")
+    pool = spec.load()
+    for doc in pool[:LIMIT]:
+        assert doc.id not in {ex.id for ex in spec.fewshot(doc, 2, 7, pool)}
 
 
 def test_sft_choice_loglik_matches_base_plus_adapter_loaded_by_hand(run):
@@ -224,7 +238,7 @@ def test_sft_choice_loglik_matches_base_plus_adapter_loaded_by_hand(run):
     model = PeftModel.from_pretrained(load_frozen_base(base_folder, "nf4", "float32", "cpu", False), str(adapter))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-    item: Item = load_task("jcommonsenseqa")[0]
+    item: Item = mc_items("jcommonsenseqa")[0]
     expected = []
     for choice in item.choices:
         context = tokenizer(item.context, add_special_tokens=False)["input_ids"]
@@ -250,14 +264,14 @@ def test_generations_for_every_prompt_and_model(run):
 
 def test_report_has_every_section_and_model(run):
     report = (stage(run) / "report.md").read_text(encoding="utf-8")
-    for fragment in ("# Evaluation", "## What each stage did", "## Held-out text: bits per byte", "## JGLUE",
-                     "## Generations", "](bits_per_byte.png)", "](jglue.png)", "chance / majority", "base -> cpt",
-                     "cpt -> sft"):
+    for fragment in ("# Evaluation", "## What each stage did", "## Held-out text: bits per byte", "## Benchmark suite",
+                     "### Every metric", "## Generations", "](bits_per_byte.png)", "](tasks.png)", "Japanese average",
+                     "English average", "Δ cpt", "base -> cpt", "cpt -> sft", "lm-evaluation-harness 0.4.13"):
         assert fragment in report, fragment
     results = results_of(run)
     assert f"{results['lm']['cpt']['ja']['bits_per_byte']:.4f}" in report
-    acc = results["jglue"]["results"]["sft"]["jnli"]["2"]["acc"]
-    assert f"{acc['accuracy']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]" in report
+    acc = results["tasks"]["results"]["sft"]["ja_leaderboard_jnli"]["2"]["acc"]
+    assert f"{acc['value']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]" in report
 
 
 def test_up_to_date_then_only_evaluate_reruns_when_its_settings_change(run):
@@ -268,7 +282,7 @@ def test_up_to_date_then_only_evaluate_reruns_when_its_settings_change(run):
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "cpt: up to date" in changed.stdout and "sft: up to date" in changed.stdout
     assert "evaluate: running (stale" in changed.stdout and "evaluate.tasks" in changed.stdout
-    assert set(results_of(run)["jglue"]["baselines"]) == {"jnli"}
+    assert set(results_of(run)["tasks"]["definitions"]) == {"jnli"}
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -308,17 +322,17 @@ def test_bad_prompt_line_is_named(quick, tmp_path):
 
 
 @pytest.mark.parametrize(("override", "fragments"), [
-    ("evaluate.num_fewshot=[0,0]", ["evaluate", "num_fewshot lists a value twice"]),
+    ("evaluate.num_fewshot=[0,0]", ["evaluate", "num_fewshot must list distinct values"]),
     ("evaluate.num_fewshot=[-1]", ["num_fewshot entries must be 0 or more"]),
     ("evaluate.stride=4096", ["stride (4096) is larger than window"]),
-    ("evaluate.tasks=[jsquad]", ["evaluate.tasks"]),
+    ("evaluate.tasks=[jsquad]", ["evaluate.tasks", "did you mean ja_leaderboard_jsquad"]),
 ])
 def test_bad_settings_are_config_errors(quick, override, fragments):
     assert_one_line_error(run_cli("validate", str(quick), override, cwd=quick.parent), *fragments)
 
 
 def test_fewshot_prompt_longer_than_the_model_is_an_error(quick):
-    result = run_cli("evaluate", str(quick), "evaluate.num_fewshot=[12]", cwd=quick.parent)
-    assert_one_line_error(result, "evaluate:", "jnli item", "with 12 few-shot examples", "for base",
-                          "more than the model's 512 positions", "evaluate.num_fewshot")
+    result = run_cli("evaluate", str(quick), "evaluate.num_fewshot=[60]", cwd=quick.parent)
+    assert_one_line_error(result, "evaluate:", "jnli item", "with 60 few-shot examples", "for base",
+                          "more than the model's 2048 positions", "evaluate.num_fewshot")
     assert not (quick.parent / "t" / "stages" / "evaluate").exists()

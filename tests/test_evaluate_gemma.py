@@ -78,7 +78,7 @@ def run(gemma, tmp_path) -> Path:
 def test_gemma_evaluate_scores_are_sensible_and_consistent(run, gemma):
     import torch
 
-    from eval.jglue import load_task, wilson_interval
+    from eval.multiple_choice import load_task, wilson_interval
     from pipeline.config import ModelConfig
     from pipeline.models import load_causal_lm
     from tokenizer.hf import load_hf_tokenizer

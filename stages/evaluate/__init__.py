@@ -6,15 +6,20 @@ trained), `cpt` (the continued-pretraining output), `sft` (the sft base with its
 4-bit when it was trained 4-bit), then each `evaluate.extra_models` folder. Each is scored on:
 * bits per byte, loss and perplexity on the Japanese and English held-out text written by `prepare`
   (`eval.perplexity`; bits per byte is comparable across vocabularies);
-* JGLUE JCommonsenseQA and JNLI by choice log-likelihood, zero- and k-shot (`eval.jglue`);
+* the bundled benchmark suite (`eval.tasks`): Japanese (JCommonsenseQA, JNLI, JSQuAD, MGSM, XWinograd) and
+  English (HellaSwag, XWinograd, GSM8K) tasks under lm-evaluation-harness's prompts, few-shot counts and
+  metrics, multiple choice by choice log-likelihood (`eval.multiple_choice`), generative ones by batched greedy
+  generation with stop sequences (`eval.generate.generate_until`), every number with a 95% interval;
+* optionally any lm-evaluation-harness task through the harness itself (`evaluate.lm_eval_tasks`, `eval.harness`);
 * greedy answers to the bundled Japanese prompts (`eval.generate`).
 Models are loaded one at a time and scored under `torch.inference_mode`.
 
 Outputs, in `runs/<name>/stages/evaluate/`:
     results.json       settings, models, held-out data, every figure (see stages/evaluate/report.py for its layout)
-    predictions.jsonl  per model, task, shots and item: label and each choice's log-likelihood, tokens, chars
+    predictions.jsonl  per model, task, shots and item: multiple choice: label and each choice's log-likelihood,
+                       tokens, chars; generative: the generation, the gold answers and the item's metrics
     generations.jsonl  per prompt: the rendered kind, reference and every model's answer
-    report.md, report.html, bits_per_byte.png, jglue.png
+    report.md, report.html, bits_per_byte.png, tasks.png
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import gc
 import json
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +83,16 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     entries = model_entries(cfg, ctx)
     heldout = heldout_texts(ctx.artifact("prepare"), settings)
     tasks = task_requests(settings, ctx.seed)
+    if settings.lm_eval_tasks:
+        from eval.harness import check_harness_tasks
+
+        check_harness_tasks(settings.lm_eval_tasks, _include_path(settings))
     prompts = _prompts(settings)
     check_contexts(entries, tasks, cfg)
     ctx.log.info("evaluating %s on %s", ", ".join(e.name for e in entries),
                  ", ".join([f"{lang} held-out ({len(texts)} documents)" for lang, texts in heldout.items()]
-                           + [f"{t.task} {t.shots}-shot ({len(t.items)} items)" for t in tasks]
+                           + [f"{t.spec.name} {t.shots}-shot ({len(t.docs)} items)" for t in tasks]
+                           + [f"lm-eval {name}" for name in settings.lm_eval_tasks]
                            + ([f"{len(prompts)} prompts"] if prompts else [])))
     results = _empty_results(settings, ctx.seed, device, heldout, tasks)
     if device.type == "cuda":
@@ -93,7 +103,9 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         record, preds, answers = evaluate_model(entry, cfg, ctx, device, heldout, tasks, prompts)
         results["models"].append(record.pop("model"))
         results["lm"][entry.name] = record["lm"]
-        results["jglue"]["results"][entry.name] = record["jglue"]
+        results["tasks"]["results"][entry.name] = record["tasks"]
+        if "lm_eval" in record:
+            results["lm_eval"][entry.name] = record["lm_eval"]
         predictions += preds
         outputs[entry.name] = answers
     _write_outputs(ctx.out_dir, results, predictions, prompts, outputs)
@@ -207,25 +219,34 @@ def load_tokenizer(entry: ModelEntry, cfg: PipelineConfig) -> Any:
 
 
 def check_contexts(entries: list[ModelEntry], tasks: list[TaskRequests], cfg: PipelineConfig) -> None:
-    """Every JGLUE prompt must fit each model's positions (nothing is truncated): checked with the tokenizers and
-    config.json before any weights are loaded, so a long few-shot setting fails at once, not after hours."""
-    from eval.jglue import longest_request
+    """Every task prompt (with its generated answer) must fit each model's positions (nothing is truncated):
+    checked with the tokenizers and config.json before any weights are loaded, so a long few-shot setting fails
+    at once, not after hours."""
+    from eval.multiple_choice import longest_request
     from pipeline.models import model_config_values
 
     for entry in entries:
         model_cfg = cfg.model if entry.kind == "base" else ModelConfig(path=entry.source)
         values = model_config_values(model_cfg)
+        values = values.get("text_config") or values
         context = values.get("max_position_embeddings")
         if not isinstance(context, int) or not tasks:
             continue
         tokenizer = load_tokenizer(entry, cfg)
         for t in tasks:
-            for prefix, indices in t.groups:
-                length, item = longest_request(tokenizer, [t.items[i] for i in indices], prefix)
-                if length > context:
-                    raise JpadaptError(
-                        f"evaluate: {t.task} item {item} with {t.shots} few-shot examples is {length} tokens for "
-                        f"{entry.name}, more than the model's {context} positions (lower evaluate.num_fewshot)")
+            if t.groups:
+                lengths = [longest_request(tokenizer, [t.items[i] for i in indices], prefix)
+                           for prefix, indices in t.groups]
+                length, item = max(lengths)
+            else:
+                ids = _generation_prompts(tokenizer, t.prompts)
+                length, index = max((len(p) + t.max_new_tokens, i) for i, p in enumerate(ids))
+                item = t.docs[index].id
+            if length > context:
+                raise JpadaptError(
+                    f"evaluate: {t.spec.name} item {item} with {t.shots} few-shot examples is {length} tokens for "
+                    f"{entry.name} (with the answer it may generate), more than the model's {context} positions "
+                    "(lower evaluate.num_fewshot or evaluate.max_gen_tokens)")
 
 
 def positions(model: Any) -> int | None:
@@ -257,34 +278,56 @@ def heldout_texts(prepared: Path, settings: EvaluateConfig) -> dict[str, list[st
 
 @dataclass(frozen=True)
 class TaskRequests:
-    """One JGLUE evaluation: a task at a number of shots, its items grouped by their few-shot prefix."""
+    """One task at a number of shots. Multiple choice: its items grouped by their few-shot prefix (items sharing
+    a prefix score together); generative: each doc's whole prompt."""
 
-    task: str
+    spec: Any  # eval.tasks.TaskSpec
     shots: int
-    items: list[Any]  # eval.jglue.Item, the first `limit`
-    groups: list[tuple[str, list[int]]]  # (prefix, indices into items): items sharing a prefix score together
+    docs: list[Any]  # eval.tasks.Doc, the first `limit`
+    items: list[Any] = field(default_factory=list)  # multiple choice: eval.multiple_choice.Item per doc
+    groups: list[tuple[str, list[int]]] = field(default_factory=list)  # (prefix, indices into items)
+    prompts: list[str] = field(default_factory=list)  # generative: the text each doc is continued from
+    max_new_tokens: int = 0
 
 
 def task_requests(settings: EvaluateConfig, seed: int) -> list[TaskRequests]:
-    from eval.jglue import FEWSHOT_SPLIT, fewshot_examples, fewshot_prefix, load_task
+    from eval.tasks import MULTIPLE_CHOICE, get_task
 
     out = []
-    for task in settings.tasks:
-        items = load_task(task)[: settings.limit]
-        for shots in settings.num_fewshot:
-            groups: dict[str, list[int]] = {}
-            if shots:
-                split = FEWSHOT_SPLIT[task]
-                pool = load_task(task, split)
-                for i, item in enumerate(items):
-                    # Drawn from the split being scored (JNLI), the question itself is never its own example.
-                    exclude = item.id if split == "valid" else None
-                    prefix = fewshot_prefix(task, fewshot_examples(task, shots, seed, pool, exclude))
-                    groups.setdefault(prefix, []).append(i)
+    for name in settings.tasks:
+        spec = get_task(name)
+        docs = spec.load()[: settings.limit]
+        for shots in settings.shots(spec):
+            pool = spec.load(spec.fewshot_split) if shots and spec.fewshot_split else spec.load()
+            examples = [spec.fewshot(doc, shots, seed, pool) for doc in docs]
+            if spec.kind == MULTIPLE_CHOICE:
+                groups: dict[str, list[int]] = {}
+                for i, shots_of_doc in enumerate(examples):
+                    groups.setdefault(spec.prefix(shots_of_doc), []).append(i)
+                out.append(TaskRequests(spec, shots, docs, items=[spec.mc_item(d) for d in docs],
+                                        groups=list(groups.items())))
             else:
-                groups[""] = list(range(len(items)))
-            out.append(TaskRequests(task, shots, items, list(groups.items())))
+                limit = min(spec.max_new_tokens, settings.max_gen_tokens or spec.max_new_tokens)
+                out.append(TaskRequests(spec, shots, docs, prompts=[spec.prompt(d, e) for d, e in zip(docs, examples)],
+                                        max_new_tokens=limit))
     return out
+
+
+def _generation_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Token ids a generative task's prompts are continued from: the start token, then the prompt."""
+    from eval.perplexity import start_token_id
+
+    start = start_token_id(tokenizer)
+    head = [] if start is None else [start]
+    return [head + list(ids) for ids in tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def _include_path(settings: EvaluateConfig) -> Path | None:
+    from pipeline.paths import resolve_path
+
+    if settings.lm_eval_include_path is None:
+        return None
+    return resolve_path(settings.lm_eval_include_path, "evaluate.lm_eval_include_path")
 
 
 def _prompts(settings: EvaluateConfig) -> list[Any]:
@@ -320,28 +363,39 @@ def evaluate_model(entry: ModelEntry, cfg: PipelineConfig, ctx: StageContext, de
             lm = _bits_per_byte(model, tokenizer, heldout, window, stride, settings.batch_size)
             seconds["lm"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            scores = _jglue(model, tokenizer, tasks, entry.name, settings.batch_size, context)
-            seconds["jglue"] = time.perf_counter() - clock
+            scores = _score_tasks(model, tokenizer, tasks, entry.name, settings.batch_size, context)
+            seconds["tasks"] = time.perf_counter() - clock
         clock = time.perf_counter()
         answers = _generate(model, tokenizer, prompts, cfg, entry.name)
         seconds["generate"] = time.perf_counter() - clock
+        harness = None
+        if settings.lm_eval_tasks:
+            from eval.harness import run_harness_tasks
+
+            clock = time.perf_counter()
+            harness = run_harness_tasks(model, tokenizer, settings.lm_eval_tasks, _include_path(settings),
+                                        settings.limit, settings.batch_size, settings.num_fewshot[0]
+                                        if settings.num_fewshot else None, ctx.seed)
+            seconds["lm_eval"] = time.perf_counter() - clock
     finally:
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    jglue, predictions = _jglue_results(entry.name, tasks, scores)
+    task_results, predictions = _task_results(entry.name, tasks, scores)
     for lang, result in lm.items():
         ctx.log.info("%s: %s bits/byte %.4f (loss %.4f over %d tokens)", entry.name, lang,
                      result["bits_per_byte"], result["loss"], result["tokens"])
-    for task, per_shots in jglue.items():
+    for task, per_shots in task_results.items():
         for shots, metrics in per_shots.items():
-            ctx.log.info("%s: %s %s-shot acc %.3f, acc_norm %.3f", entry.name, task, shots,
-                         metrics["acc"]["accuracy"], metrics["acc_norm"]["accuracy"])
+            ctx.log.info("%s: %s %s-shot %s", entry.name, task, shots,
+                         ", ".join(f"{name} {m['value']:.3f}" for name, m in metrics.items()))
     record = {"model": {**entry.describe(ctx), "dtype": dtype, "vocab_size": len(tokenizer),
                         "positions": context, "window": window, "stride": stride,
                         "seconds": {k: round(v, 3) for k, v in seconds.items()}},
-              "lm": lm, "jglue": jglue}
+              "lm": lm, "tasks": task_results}
+    if harness is not None:
+        record["lm_eval"] = harness
     return record, predictions, answers
 
 
@@ -357,40 +411,52 @@ def _bits_per_byte(model: Any, tokenizer: Any, heldout: dict[str, list[str]], wi
     return results
 
 
-def _jglue(model: Any, tokenizer: Any, tasks: list[TaskRequests], name: str, batch_size: int,
-           context: int | None) -> list[list[Any]]:
-    """Per TaskRequests, the ChoiceScores of its items in item order."""
-    from eval.jglue import score_items
+def _score_tasks(model: Any, tokenizer: Any, tasks: list[TaskRequests], name: str, batch_size: int,
+                 context: int | None) -> list[list[Any]]:
+    """Per TaskRequests, in doc order: multiple choice: the ChoiceScores; generative: the generation."""
+    from eval.generate import generate_until
+    from eval.multiple_choice import score_items
 
     out = []
     for t in tasks:
+        desc = f"{name} {t.spec.name} {t.shots}-shot"
+        if not t.groups:
+            out.append(generate_until(model, tokenizer, _generation_prompts(tokenizer, t.prompts), t.spec.until,
+                                      t.max_new_tokens, batch_size, desc=desc))
+            continue
         scores: list[Any] = [None] * len(t.items)
         for prefix, indices in t.groups:
             group = score_items(model, tokenizer, [t.items[i] for i in indices], prefix=prefix,
-                                batch_size=batch_size, desc=f"{name} {t.task} {t.shots}-shot", max_length=context,
-                                progress=len(t.groups) == 1)
+                                batch_size=batch_size, desc=desc, max_length=context, progress=len(t.groups) == 1)
             for i, value in zip(indices, group):
                 scores[i] = value
         out.append(scores)
     return out
 
 
-def _jglue_results(name: str, tasks: list[TaskRequests], scores: list[list[Any]],
-                   ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    from dataclasses import asdict
-
-    from eval.jglue import accuracy
+def _task_results(name: str, tasks: list[TaskRequests], scores: list[list[Any]],
+                  ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Per task and shots, every metric with its 95% interval; and the per-item records they recompute from."""
+    from eval.suite import generative_metrics, multiple_choice_metrics
+    from eval.tasks import extracted_answer, metric_values
 
     results: dict[str, dict[str, Any]] = {}
     predictions = []
     for t, task_scores in zip(tasks, scores):
-        results.setdefault(t.task, {})[str(t.shots)] = {
-            "acc": asdict(accuracy(task_scores, t.items, normalized=False)),
-            "acc_norm": asdict(accuracy(task_scores, t.items, normalized=True)),
-        }
-        for item, s in zip(t.items, task_scores):
-            predictions.append({"model": name, "task": t.task, "shots": t.shots, "id": item.id, "label": item.label,
-                                "loglik": list(s.loglik), "tokens": list(s.tokens), "chars": list(s.chars)})
+        if t.groups:
+            metrics = multiple_choice_metrics(task_scores, t.items)
+            for item, s in zip(t.items, task_scores):
+                predictions.append({"model": name, "task": t.spec.name, "shots": t.shots, "id": item.id,
+                                    "label": item.label, "loglik": list(s.loglik), "tokens": list(s.tokens),
+                                    "chars": list(s.chars)})
+        else:
+            per_item = [metric_values(t.spec, doc, text) for doc, text in zip(t.docs, task_scores)]
+            metrics = generative_metrics(t.spec.metrics, per_item)
+            for doc, text, values in zip(t.docs, task_scores, per_item):
+                predictions.append({"model": name, "task": t.spec.name, "shots": t.shots, "id": doc.id,
+                                    "generation": text, "extracted": extracted_answer(t.spec, text),
+                                    "answers": list(doc.answers), "metrics": values})
+        results.setdefault(t.spec.name, {})[str(t.shots)] = metrics
     return results, predictions
 
 
@@ -410,19 +476,21 @@ def _generate(model: Any, tokenizer: Any, prompts: list[Any], cfg: PipelineConfi
 
 def _empty_results(settings: EvaluateConfig, seed: int, device: Any, heldout: dict[str, list[str]],
                    tasks: list[TaskRequests]) -> dict[str, Any]:
-    from eval.jglue import chance_and_majority
+    from eval.multiple_choice import chance_and_majority
 
-    baselines = {}
+    definitions = {}
     for t in tasks:
-        chance, majority = chance_and_majority(t.items)
-        baselines[t.task] = {"items": len(t.items), "chance": chance, "majority": majority}
+        chance, majority = chance_and_majority(t.items) if t.groups else (None, None)
+        definitions[t.spec.name] = {**t.spec.describe(), "items": len(t.docs), "chance": chance,
+                                    "majority": majority, "max_new_tokens": t.max_new_tokens or None}
     return {
         "settings": {**settings.model_dump(mode="json"), "seed": seed, "device": str(device)},
         "heldout": {lang: {"documents": len(texts), "chars": sum(map(len, texts)),
                            "bytes": sum(len(t.encode("utf-8")) for t in texts)} for lang, texts in heldout.items()},
         "models": [],
         "lm": {},
-        "jglue": {"baselines": baselines, "results": {}},
+        "tasks": {"definitions": definitions, "results": {}},
+        "lm_eval": {},
     }
 
 
@@ -452,15 +520,20 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
 
 def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
     from data.assets import stored_path
-    from eval.jglue import FEWSHOT_SPLIT, task_asset
+    from eval.tasks import get_task
     from pipeline.models import model_folder_files, model_inputs
     from pipeline.paths import resolve_files
 
     settings = cfg.evaluate
     files: dict[str, list[Path]] = {}
     for task in settings.tasks:
-        splits = sorted({"valid", FEWSHOT_SPLIT[task]} if any(settings.num_fewshot) else {"valid"})
-        files[f"evaluate.tasks.{task}"] = [stored_path(task_asset(task, split)) for split in splits]
+        spec = get_task(task)
+        splits = sorted({split for shots in settings.shots(spec) for split in spec.splits_read(shots)})
+        files[f"evaluate.tasks.{task}"] = [stored_path(spec.asset(split)) for split in splits]
+    if settings.lm_eval_include_path is not None:
+        folder = _include_path(settings)
+        files["evaluate.lm_eval_include_path"] = sorted(p for p in folder.rglob("*") if p.is_file()) \
+            if folder.is_dir() else [folder]
     if settings.prompts:
         files["evaluate.prompts"] = resolve_files(settings.prompts, "evaluate.prompts")
     files.update(model_inputs(cfg.model))
@@ -473,7 +546,8 @@ def _inputs(cfg: PipelineConfig) -> dict[str, list[Path]]:
 SPEC = StageSpec(
     name="evaluate",
     run=run,
-    description="base, extend-vocab, cpt and sft models side by side: JA/EN bits per byte, JGLUE, generations",
+    description="base, extend-vocab, cpt and sft models side by side: JA/EN bits per byte, the JA/EN benchmark "
+                "suite, generations",
     requires=("prepare",),
     uses=("extend-vocab", "cpt", "sft"),
     params=("run.seed", "model", "evaluate", "sft.precision", "sft.template"),
@@ -482,4 +556,5 @@ SPEC = StageSpec(
     outputs=("results.json", "predictions.jsonl", "generations.jsonl", "report.md", "report.html"),
     libraries=("safetensors",),
     report_section=lazy("stages.evaluate.report:report_section"),
+    overview_line=lazy("stages.evaluate.report:overview_line"),
 )

@@ -1,19 +1,12 @@
-"""JGLUE multiple-choice accuracy (JCommonsenseQA, JNLI) of a causal LM, offline, from the bundled files.
+"""Multiple-choice scoring of a causal LM by choice log-likelihood, as lm-evaluation-harness defines it.
 
-    items = load_task("jcommonsenseqa")                                  # valid split, 1,119 questions
-    shots = fewshot_examples("jcommonsenseqa", 3, seed=0, pool=load_task("jcommonsenseqa", "train"), exclude_id=None)
-    scores = score_items(model, tokenizer, items, prefix=fewshot_prefix("jcommonsenseqa", shots))
-    accuracy(scores, items, normalized=False).accuracy                   # lm-evaluation-harness `acc`
-    accuracy(scores, items, normalized=True).accuracy                    # `acc_norm`
+    items = [spec.mc_item(doc) for doc in TASKS["jcommonsenseqa"].load()]     # eval.tasks
+    scores = score_items(model, tokenizer, items, prefix=few_shot_prefix)
+    accuracy(scores, items, normalized=False).accuracy                       # the harness's `acc`
+    accuracy(scores, items, normalized=True).accuracy                        # `acc_norm`
 
-Prompts (plain Japanese, close to the JP lm-evaluation-harness / llm-jp-eval templates):
-* JCommonsenseQA: context `質問: {question}\\n答え:`, choices ` {choice0}` .. ` {choice4}`.
-* JNLI: context `前提: {sentence1}\\n仮説: {sentence2}\\n関係:`, choices ` 含意` (entailment), ` 矛盾`
-  (contradiction), ` 中立` (neutral).
-Few-shot: the solved examples (context + correct choice), each followed by a blank line, then the question.
-`FEWSHOT_SPLIT` names the split to draw them from: JCommonsenseQA's train split; JNLI's train split is not
-bundled, so its examples come from the valid split itself, never the item being asked (`exclude_id`).
-
+An Item is one question: `context + choices[i]` is the i-th full answer, or, in the harness's "multiple input"
+mode (XWinograd), `contexts[i] + choices[i]`: different contexts, the same continuation.
 Scoring is lm-evaluation-harness's multiple-choice definition, for each (context, continuation) request:
 * Trailing whitespace of the context moves onto the continuation (harness `_encode_pair`).
 * The context and the whole string (context + continuation) are tokenized without special tokens; the
@@ -38,41 +31,29 @@ log-softmax in float32, sums in float64.
 
 from __future__ import annotations
 
-import json
-import lzma
 import math
-import random
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from data.assets import stored_path
 from pipeline.errors import JpadaptError
 
 # z for a two-sided 95% interval: the 0.975 quantile of the standard normal.
 Z95 = 1.959963984540054
 
-JNLI_LABELS = ("entailment", "contradiction", "neutral")
-JNLI_CHOICES = (" 含意", " 矛盾", " 中立")  # in the order of JNLI_LABELS
-
-FEWSHOT_SPLIT = {"jcommonsenseqa": "train", "jnli": "valid"}
-
-_FILES = {
-    ("jcommonsenseqa", "train"): "eval/jglue/jcommonsenseqa-v1.3/train-v1.3.json",
-    ("jcommonsenseqa", "valid"): "eval/jglue/jcommonsenseqa-v1.3/valid-v1.3.json",
-    ("jnli", "valid"): "eval/jglue/jnli-v1.3/valid-v1.3.json",
-}
-
 
 @dataclass(frozen=True)
 class Item:
-    """One multiple-choice question: `context + choices[i]` is the i-th full answer."""
+    """One multiple-choice question: `context + choices[i]` (or `contexts[i] + choices[i]`) is the i-th answer."""
 
     id: str
     context: str  # the prompt before the answer, without few-shot examples
     choices: tuple[str, ...]  # continuations, each with its leading separator
     label: int  # index of the correct choice
+    contexts: tuple[str, ...] = ()  # per-choice contexts ("multiple input" mode); `context` is then unused
+
+    def context_of(self, choice: int) -> str:
+        return self.contexts[choice] if self.contexts else self.context
 
 
 @dataclass(frozen=True)
@@ -91,79 +72,6 @@ class Accuracy:
     accuracy: float
     ci_low: float  # 95% Wilson score interval
     ci_high: float
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Items and prompts
-
-
-def load_task(name: str, split: str = "valid") -> list[Item]:
-    """The bundled split of a JGLUE task ("jcommonsenseqa": train, valid; "jnli": valid) as items, file order."""
-    parse = _PARSERS.get(name)
-    if parse is None:
-        raise JpadaptError(f"unknown JGLUE task {name!r}; known: {', '.join(sorted(_PARSERS))}")
-    path = stored_path(task_asset(name, split))
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        try:
-            return [parse(json.loads(line)) for line in f if line.strip()]
-        except (ValueError, KeyError) as exc:
-            raise JpadaptError(f"{path}: not a {name} record ({exc!r})") from exc
-
-
-def task_asset(name: str, split: str) -> str:
-    """The bundled asset name of a task's split."""
-    _check_task(name)
-    asset = _FILES.get((name, split))
-    if asset is None:
-        known = ", ".join(s for t, s in _FILES if t == name)
-        raise JpadaptError(f"JGLUE task {name!r} has no bundled {split!r} split; bundled: {known}")
-    return asset
-
-
-def _commonsenseqa_item(record: dict[str, Any]) -> Item:
-    return Item(
-        id=str(record["q_id"]),
-        context=f"質問: {record['question']}\n答え:",
-        choices=tuple(" " + record[f"choice{i}"] for i in range(5)),
-        label=int(record["label"]),
-    )
-
-
-def _jnli_item(record: dict[str, Any]) -> Item:
-    return Item(
-        id=str(record["sentence_pair_id"]),
-        context=f"前提: {record['sentence1']}\n仮説: {record['sentence2']}\n関係:",
-        choices=JNLI_CHOICES,
-        label=JNLI_LABELS.index(record["label"]),
-    )
-
-
-_PARSERS: dict[str, Callable[[dict[str, Any]], Item]] = {"jcommonsenseqa": _commonsenseqa_item, "jnli": _jnli_item}
-
-
-def fewshot_examples(task: str, k: int, seed: int, pool: list[Item], exclude_id: str | None) -> list[Item]:
-    """`k` examples drawn from `pool` with `seed`, never the item `exclude_id`.
-
-    The draw is k + 1 items of one seeded sample, the excluded one dropped, so every question of a run gets the
-    same examples except where the question itself was drawn (JNLI, whose examples come from its valid split).
-    """
-    _check_task(task)
-    candidates = min(k + 1, len(pool))
-    drawn = [item for item in random.Random(seed).sample(pool, candidates) if item.id != exclude_id][:k]
-    if len(drawn) < k:
-        raise JpadaptError(f"{task}: {k} few-shot examples asked for, but the pool has only {len(drawn)}")
-    return drawn
-
-
-def fewshot_prefix(task: str, examples: list[Item]) -> str:
-    """The solved examples, each followed by a blank line; put before an item's context ("" for zero-shot)."""
-    _check_task(task)
-    return "".join(f"{ex.context}{ex.choices[ex.label]}\n\n" for ex in examples)
-
-
-def _check_task(task: str) -> None:
-    if task not in _PARSERS:
-        raise JpadaptError(f"unknown JGLUE task {task!r}; known: {', '.join(sorted(_PARSERS))}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +114,7 @@ def score_items(
                 f"item {items[r.item].id}: {len(r.ids)} tokens with its prompt and few-shot examples, more than the "
                 f"model's {max_length} positions (use fewer few-shot examples)"
             )
-    nats = score_tails(model, [r.ids for r in requests], [r.scored for r in requests], batch_size, desc or "jglue",
+    nats = score_tails(model, [r.ids for r in requests], [r.scored for r in requests], batch_size, desc or "multiple choice",
                        progress)
     loglik = [-value for value in nats]
     return _collect(items, requests, loglik)
@@ -223,7 +131,8 @@ def _requests(tokenizer: Any, items: list[Item], prefix: str) -> list[_Request]:
 
     start = start_token_id(tokenizer)
     head = [] if start is None else [start]
-    pairs = [_split_whitespace(prefix + item.context, choice) for item in items for choice in item.choices]
+    pairs = [_split_whitespace(prefix + item.context_of(c), choice) for item in items
+             for c, choice in enumerate(item.choices)]
     contexts = _encode(tokenizer, [context for context, _ in pairs])
     wholes = _encode(tokenizer, [context + continuation for context, continuation in pairs])
     requests = []

@@ -1,4 +1,4 @@
-"""eval/jglue.py: the bundled JGLUE files, harness-style multiple-choice scoring on a tiny random LLaMA with the
+"""eval/multiple_choice.py: the bundled JGLUE files, harness-style multiple-choice scoring on a tiny random LLaMA with the
 bundled LLaMA-2 tokenizer, the metrics and the few-shot draw.
 
 Forced answers: the model's lm_head is replaced by a zero-weight linear layer whose bias is +20 on chosen
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from data.assets import stored_path
-from eval.jglue import (
+from eval.multiple_choice import (
     JNLI_LABELS,
     ChoiceScores,
     Item,
