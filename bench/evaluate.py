@@ -1,8 +1,13 @@
-"""Benchmark: the evaluate stage's scorers on Gemma 3 270M: the reference figures, and batched vs naive speed.
+"""Benchmark: the evaluate stage on Gemma 3 270M: the whole bundled suite, the reference figures, and batched vs
+naive scoring speed.
 
-    python bench/evaluate.py [--parts reference speed] [--shots 0 3] [--limit N] [--max-chars 20000]
-                             [--window 1024] [--stride 512] [--batch-size 8] [--speed-items 200]
-                             [--speed-blocks 5] [--out bench/results/evaluate-gemma-cpu.md]
+    python bench/evaluate.py [--parts suite reference speed] [--suite-limit 100] [--shots 0 3] [--limit N]
+                             [--max-chars 20000] [--window 1024] [--stride 512] [--batch-size 8]
+                             [--speed-items 200] [--speed-blocks 5] [--out bench/results/evaluate-gemma-cpu.md]
+
+0. Suite: the real `jpadapt evaluate` on the model with the default `evaluate.tasks` (JA and EN tasks under
+   lm-evaluation-harness's prompts and few-shot counts), the first `--suite-limit` items of each, next to the
+   published figure for the model where one exists in a comparable setting (`PUBLISHED`).
 
 Defaults: ~20 min on 2 CPU cores. The table goes to the console and to bench/results/evaluate-gemma-<cpu|gpu>.md
 (the prepared held-out text and rows.json under runs/bench-evaluate/).
@@ -185,9 +190,10 @@ def speed(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any
 
     import torch
 
-    from eval.multiple_choice import accuracy, load_task
+    from eval.multiple_choice import accuracy
+    from eval.tasks import mc_items
 
-    items = load_task("jcommonsenseqa")[: args.speed_items]
+    items = mc_items("jcommonsenseqa")[: args.speed_items]
     runners = {
         "baseline": lambda block: baseline_logliks(model, tokenizer, block),
         "batch1": lambda block: jpadapt_logliks(model, tokenizer, block, 1),
@@ -240,6 +246,66 @@ def _token_counts(tokenizer: Any, items: list[Any]) -> dict[str, float]:
     return {"mean_length": sum(len(whole) for whole, _ in requests) / len(requests),
             "max_length": max(len(whole) for whole, _ in requests),
             "mean_scored": sum(len(continuation) for _, continuation in requests) / len(requests)}
+
+
+# ============================================================================================ 3. suite
+
+# Published figures for Gemma 3 270M (pretrained) where the setting is close enough to put beside ours: Google's
+# model card (google/gemma-3-270m, Aug 2025). Nothing comparable is published for the Japanese tasks.
+PUBLISHED = {"hellaswag": ("0.409", "Google model card, 10-shot, full validation split")}
+
+
+def suite(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The real `jpadapt evaluate` stage on the model with the default bundled suite (each task's published
+    few-shot count, the first `--suite-limit` items), no held-out text cap beyond `--max-chars`, no prompts."""
+    config = {
+        "run": {"name": "suite", "seed": SEED, "output_dir": str(args.work)},
+        "model": {"path": str(folder)},
+        "data": {lang: {"train": f"bundled:corpus/{lang}_train.jsonl", "heldout": f"bundled:corpus/{lang}_heldout.jsonl"}
+                 for lang in ("ja", "en")},
+        "prepare": {},
+        "evaluate": {"max_chars": args.max_chars, "window": args.window, "stride": args.stride,
+                     "batch_size": args.batch_size, "limit": args.suite_limit, "prompts": [],
+                     "accelerator": args.device if args.device != "auto" else "auto"},
+    }
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = args.work / "suite.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", str(path)], cwd=ROOT, check=True)
+    stage = args.work / "suite" / "stages" / "evaluate"
+    return json.loads((stage / "results.json").read_text(encoding="utf-8"))
+
+
+def suite_lines(results: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    from eval.suite import headline, language_averages
+
+    definitions, scores = results["tasks"]["definitions"], results["tasks"]["results"]["base"]
+    seconds = results["models"][0]["seconds"]
+    lines = [
+        "## The bundled benchmark suite (`jpadapt evaluate`, default tasks)",
+        "",
+        (f"Every task of the default `evaluate.tasks` under its harness's prompt and few-shot count, the first "
+         f"{settings['suite_limit']} items of each (`evaluate.limit`), seed {SEED}, batch {settings['batch_size']}, "
+         f"fp32. Stage time: {seconds['tasks'] / 60:.1f} min on the tasks ({sum(seconds.values()) / 60:.1f} min "
+         "with loading and bits per byte). Intervals are 95% (Wilson; char F1: normal)."),
+        "",
+        "| task | lang | prompt | shots | metric | items | Gemma 3 270M [95% CI] | chance | published (setting) |",
+        "|---|---|---|---:|---|---:|---|---:|---|",
+    ]
+    for task, d in definitions.items():
+        picked = headline(definitions, scores, task)
+        if picked is None:
+            continue
+        shots, metric, m = picked
+        published = PUBLISHED.get(task)
+        chance = "–" if d["chance"] is None else f"{d['chance']:.3f}"
+        lines.append(f"| `{task}` | {d['lang']} | {d['harness']} | {shots} | {metric} | {d['items']} "
+                     f"| {m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}] "
+                     f"| {chance} "
+                     f"| {'–' if published is None else f'{published[0]} ({published[1]})'} |")
+    for lang, (mean, count) in language_averages(results["tasks"], "base").items():
+        lines.append(f"| **{lang} average** ({count} tasks) | | | | headline | | {mean:.3f} | | |")
+    return lines
 
 
 # ============================================================================================ report
@@ -334,7 +400,7 @@ def report(rows: dict[str, Any], device: str) -> str:
         "262,144-token vocabulary."),
         "",
     ]
-    for part, render in (("reference", reference_lines), ("speed", speed_lines)):
+    for part, render in (("suite", suite_lines), ("reference", reference_lines), ("speed", speed_lines)):
         if part in rows:
             entry = rows[part]
             lines += [*render(entry["result"], entry["settings"]), "",
@@ -348,7 +414,8 @@ def report(rows: dict[str, Any], device: str) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=("reference", "speed"), default=["reference", "speed"],
+    parser.add_argument("--parts", nargs="+", choices=("suite", "reference", "speed"),
+                        default=["suite", "reference", "speed"],
                         help="a part not run keeps its previous figures (rows.json) in the report")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 3], help="JCommonsenseQA few-shot settings")
     parser.add_argument("--jnli-shots", type=int, nargs="+", default=[0])
@@ -358,6 +425,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--speed-items", type=int, default=200)
+    parser.add_argument("--suite-limit", type=int, default=100, help="items per task of the suite part")
     parser.add_argument("--speed-blocks", type=int, default=5)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-evaluate")
@@ -376,8 +444,16 @@ def main() -> None:
     rows_file = args.work / "rows.json"
     rows: dict[str, Any] = json.loads(rows_file.read_text(encoding="utf-8")) if rows_file.is_file() else {}
     rows.update(machine=machine(device), versions=versions(), date=datetime.date.today().isoformat())
-    model, tokenizer = load(gemma_folder(), device)
+    model, tokenizer = load(gemma_folder(), device) if {"reference", "speed"} & set(args.parts) else (None, None)
     settings = {k: v for k, v in vars(args).items() if k not in ("work", "out", "parts")}
+    if "suite" in args.parts:
+        print("suite ...", flush=True)
+        started, load_before = time.monotonic(), os.getloadavg()[0]
+        result = suite(gemma_folder(), args)
+        rows["suite"] = {"result": result, "settings": settings, "command": command,
+                         "seconds": time.monotonic() - started, "load": [load_before, os.getloadavg()[0]]}
+        rows_file.parent.mkdir(parents=True, exist_ok=True)
+        rows_file.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     if "reference" in args.parts:
         heldout, _ = prepared_heldout(args.work, args.max_chars)
         print("reference ...", flush=True)

@@ -266,7 +266,7 @@ def part_evaluate(work: Path, s: dict[str, Any], gpu: bool) -> dict[str, Any]:
     """The demo model's scores on the device against the CPU's, with the evaluate stage's scorers."""
     import torch
 
-    from eval.multiple_choice import load_task
+    from eval.tasks import mc_items
     from eval.perplexity import bits_per_byte
     from pipeline.config import load_config
 
@@ -285,7 +285,7 @@ def part_evaluate(work: Path, s: dict[str, Any], gpu: bool) -> dict[str, Any]:
     texts = {lang: [json.loads(line)["text"] for line in Path(paths["heldout"]).read_text().splitlines()]
              for lang, paths in corpora.items()}
     texts = {lang: ["\n".join(t)[: s["eval_chars"]]] for lang, t in texts.items()}
-    items = load_task("jcommonsenseqa")[: s["eval_items"]] + load_task("jnli")[: s["eval_items"]]
+    items = mc_items("jcommonsenseqa")[: s["eval_items"]] + mc_items("jnli")[: s["eval_items"]]
     window, stride = demo.evaluate.window, demo.evaluate.stride
     sides = {}
     for device in ("cpu", "cuda" if gpu else "cpu"):

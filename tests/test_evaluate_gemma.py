@@ -78,7 +78,8 @@ def run(gemma, tmp_path) -> Path:
 def test_gemma_evaluate_scores_are_sensible_and_consistent(run, gemma):
     import torch
 
-    from eval.multiple_choice import load_task, wilson_interval
+    from eval.multiple_choice import wilson_interval
+    from eval.tasks import mc_items
     from pipeline.config import ModelConfig
     from pipeline.models import load_causal_lm
     from tokenizer.hf import load_hf_tokenizer
@@ -98,15 +99,15 @@ def test_gemma_evaluate_scores_are_sensible_and_consistent(run, gemma):
         assert lm["bits_per_byte"] == pytest.approx(lm["nats"] / math.log(2) / lm["bytes"], rel=1e-9)
         assert lm["loss"] == pytest.approx(lm["nats"] / lm["tokens"], rel=1e-9)
 
-    # JGLUE: the baselines, then every accuracy and interval recomputed from the per-item log-likelihoods.
-    baselines = results["jglue"]["baselines"]
+    # JGLUE (jpadapt's prompts): the baselines, then every accuracy and interval recomputed from the items.
+    baselines = results["tasks"]["definitions"]
     assert baselines["jcommonsenseqa"]["chance"] == pytest.approx(0.2)
     assert baselines["jnli"]["chance"] == pytest.approx(1 / 3)
     predictions = read_jsonl(run / "predictions.jsonl")
     assert len(predictions) == 2 * len(SHOTS) * LIMIT  # tasks x shots x items
-    scores = results["jglue"]["results"]["base"]
+    scores = results["tasks"]["results"]["base"]
     for task in ("jcommonsenseqa", "jnli"):
-        items = load_task(task)[:LIMIT]
+        items = mc_items(task)[:LIMIT]
         assert baselines[task]["items"] == LIMIT
         for shots in SHOTS:
             rows = [p for p in predictions if p["task"] == task and p["shots"] == shots]
@@ -119,7 +120,7 @@ def test_gemma_evaluate_scores_are_sensible_and_consistent(run, gemma):
                 correct = sum(_argmax(p, normalized) == p["label"] for p in rows)
                 metrics = scores[task][str(shots)][key]
                 assert (metrics["correct"], metrics["total"]) == (correct, LIMIT), (task, shots, key)
-                assert metrics["accuracy"] == pytest.approx(correct / LIMIT)
+                assert metrics["value"] == pytest.approx(correct / LIMIT)
                 assert (metrics["ci_low"], metrics["ci_high"]) == pytest.approx(wilson_interval(correct, LIMIT))
         # Few-shot examples change every question's prompt, hence its scores.
         zero = [p["loglik"] for p in predictions if p["task"] == task and p["shots"] == 0]
@@ -144,7 +145,7 @@ def test_gemma_evaluate_scores_are_sensible_and_consistent(run, gemma):
     # of BOS + context + choice per choice, the choice's tokens being those after the context's.
     tokenizer = load_hf_tokenizer(gemma)
     model = load_causal_lm(ModelConfig(path=str(gemma))).eval()
-    item = load_task("jcommonsenseqa")[0]
+    item = mc_items("jcommonsenseqa")[0]
     expected = []
     for choice in item.choices:
         context = tokenizer(item.context, add_special_tokens=False)["input_ids"]
