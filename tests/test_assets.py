@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import random
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from data import assets
 from pipeline.errors import JpadaptError
-from tests.helpers.jsonl import read_jsonl
+from tests.helpers.jsonl import read_jsonl, read_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "data" / "bundled"
@@ -44,6 +46,26 @@ FULL_COPIES = {
     "instruct/ja_instruct_heldout.jsonl": "6de7ed49c0e2f3ef088fe7411217be0c1a5eff155a79216ba3fbc643c1ffe9ec",
     "tokenizers/qwen/tokenizer.json": "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
     "tokenizers/llama3/tokenizer.model": "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+    # GitHub openai/grade-school-math @3101c7d5 grade_school_math/data/test.jsonl, copied byte for byte
+    "eval/gsm8k/test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+}
+
+# Evaluation sets built by make_bundle.py from GitHub snapshots: records and field order (Hugging Face layouts).
+EVAL_SETS = {
+    "eval/jglue/jsquad-v1.3/valid-v1.3.jsonl": (4442, ["id", "title", "context", "question", "answers", "is_impossible"]),
+    "eval/mgsm/mgsm_ja.jsonl": (250, ["question", "answer", "answer_number", "equation_solution"]),
+    "eval/mgsm/mgsm_ja_train.jsonl": (8, ["question", "answer", "answer_number", "equation_solution"]),
+    "eval/gsm8k/test.jsonl": (1319, ["question", "answer"]),
+    "eval/gsm8k/train_fewshot.jsonl": (250, ["question", "answer"]),
+    "eval/xwinograd/xwinograd_ja.jsonl": (959, ["sentence1", "sentence2", "answer"]),
+    "eval/xwinograd/xwinograd_en.jsonl": (2325, ["sentence", "option1", "option2", "answer"]),
+    "eval/hellaswag/hellaswag_val.jsonl": (1000, ["ind", "query", "choices", "label"]),
+}
+EVAL_LICENSES = {
+    "eval/mgsm/LICENSE": "Creative Commons Attribution 4.0 International",
+    "eval/gsm8k/LICENSE": "Copyright (c) 2021 OpenAI",
+    "eval/xwinograd/LICENSE": "Apache License",
+    "eval/hellaswag/LICENSE": "Copyright (c) 2019 Rowan Zellers",
 }
 
 
@@ -67,7 +89,7 @@ def jsonl(path: Path) -> list[dict]:
 
 def test_manifest_lists_stored_files_and_bundle_is_small() -> None:
     files = manifest()
-    assert assets.bundled_names() == sorted(files) and len(files) == 19  # + eval/prompts.jsonl
+    assert assets.bundled_names() == sorted(files) and len(files) == 19 + len(EVAL_SETS)  # + eval/prompts.jsonl
     for name, entry in files.items():
         assert entry["stored"] in (name, name + ".xz")
         assert assets.stored_path(name) == BUNDLE / entry["stored"]
@@ -255,3 +277,126 @@ def test_en_pretrain_is_the_rest_of_the_english_train_file(cache: Path) -> None:
     assert len(train) + len(rest) == 87
     assert not {json.loads(line)["id"] for line in rest} & heldout_ids
     assert {json.loads(line)["id"] for line in rest}.isdisjoint({json.loads(line)["id"] for line in train})
+
+
+@pytest.mark.parametrize("name", sorted(EVAL_SETS))
+def test_eval_sets_records_and_fields(name: str) -> None:
+    count, fields = EVAL_SETS[name]
+    assert manifest()[name]["stored"] == name + ".xz"
+    recs = jsonl(assets.stored_path(name))
+    assert len(recs) == count
+    assert all(list(rec) == fields for rec in recs)
+    for rec in recs:
+        for field in fields:
+            if field not in ("answers", "choices", "ind", "label", "answer_number", "is_impossible", "answer",
+                             "equation_solution"):
+                assert isinstance(rec[field], str) and rec[field], (name, field)
+
+
+def test_eval_licenses_and_notices() -> None:
+    for path, text in EVAL_LICENSES.items():
+        assert text in (BUNDLE / path).read_text(encoding="utf-8"), path
+    for folder in ("hellaswag", "xwinograd", "mgsm"):
+        assert (BUNDLE / "eval" / folder / "NOTICE").stat().st_size > 500, folder
+
+
+def test_jsquad_valid_answers_sit_at_answer_start() -> None:
+    recs = jsonl(assets.stored_path("eval/jglue/jsquad-v1.3/valid-v1.3.jsonl"))
+    assert len({rec["id"] for rec in recs}) == len(recs)
+    for rec in recs:
+        # JGLUE's context form is "title [SEP] paragraph"; answer_start counts from its beginning.
+        assert rec["context"].startswith(rec["title"] + " [SEP] ")
+        assert rec["is_impossible"] is False and rec["question"]
+        answers = rec["answers"]
+        assert list(answers) == ["text", "answer_start"] and answers["text"]
+        assert len(answers["text"]) == len(answers["answer_start"])
+        for text, start in zip(answers["text"], answers["answer_start"]):
+            assert isinstance(start, int) and rec["context"][start:start + len(text)] == text, rec["id"]
+
+
+def test_jsquad_valid_paragraphs_in_corpus_as_documented() -> None:
+    """SOURCES.md: 357 of the 1145 JSQuAD valid paragraphs (1369 of 4442 questions) occur verbatim in the bundled
+    Japanese corpus: 356 in ja_train, which holds 22 of JSQuAD valid's 59 articles, and one boilerplate line in
+    ja_heldout. JSQuAD scores of a model trained on ja_train are contaminated."""
+    recs = jsonl(assets.stored_path("eval/jglue/jsquad-v1.3/valid-v1.3.jsonl"))
+    train = "\0".join(read_texts("corpus/ja_train.jsonl"))
+    heldout = "\0".join(read_texts("corpus/ja_heldout.jsonl"))
+    paragraph = {rec["id"]: rec["context"].split(" [SEP] ", 1)[1] for rec in recs}
+    paragraphs = set(paragraph.values())
+    in_train = {p for p in paragraphs if p in train}
+    in_heldout = {p for p in paragraphs if p in heldout}
+    assert (len(in_train), len(in_heldout), len(in_train | in_heldout), len(paragraphs)) == (356, 1, 357, 1145)
+    assert in_heldout == {"企業・団体の名称、個人の肩書は当時のもの。出典："}
+    assert sum(p in in_train | in_heldout for p in paragraph.values()) == 1369
+    assert len({rec["title"] for rec in recs if paragraph[rec["id"]] in in_train}) == 22
+
+
+def test_mgsm_ja_test_and_exemplars() -> None:
+    test = jsonl(assets.stored_path("eval/mgsm/mgsm_ja.jsonl"))
+    assert all(rec["answer"] is None and rec["equation_solution"] is None for rec in test)
+    assert all(type(rec["answer_number"]) is int for rec in test)
+    assert test[0]["answer_number"] == 18 and max(rec["answer_number"] for rec in test) == 276000
+    train = jsonl(assets.stored_path("eval/mgsm/mgsm_ja_train.jsonl"))
+    assert [rec["answer_number"] for rec in train] == [11, 29, 39, 9, 33, 8, 8, 5]
+    for rec in train:
+        assert rec["question"].startswith("問題：") and rec["answer"].startswith("ステップごとの答え：")
+        last = re.findall(r"\d+", rec["answer"])[-1]
+        assert type(rec["answer_number"]) is int and rec["answer_number"] == int(last), rec["answer"]
+        assert isinstance(rec["equation_solution"], str) and rec["equation_solution"].endswith(f"= {last}.")
+    assert not {rec["question"] for rec in train} & {rec["question"] for rec in test}
+
+
+def test_gsm8k_test_and_fewshot_pool() -> None:
+    test = jsonl(assets.stored_path("eval/gsm8k/test.jsonl"))
+    pool = jsonl(assets.stored_path("eval/gsm8k/train_fewshot.jsonl"))
+    for rec in test + pool:
+        assert re.search(r"\n#### -?[\d,.]+$", rec["answer"]), rec["answer"][-40:]
+    assert test[0]["question"].startswith("Janet\u2019s ducks lay 16 eggs per day.")
+    assert pool[0]["question"].startswith("Natalia sold clips to 48 of her friends in April")
+    assert not {rec["question"] for rec in pool} & {rec["question"] for rec in test}
+
+
+def _differing_spans(a: str, b: str) -> tuple[str, str, str, str]:
+    """(common prefix, part of a, part of b, common suffix)."""
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    j = 0
+    while j < min(len(a), len(b)) - i and a[-1 - j] == b[-1 - j]:
+        j += 1
+    return a[:i], a[i:len(a) - j], b[i:len(b) - j], a[len(a) - j:]
+
+
+def test_xwinograd_ja_pairs_differ_only_in_the_substituted_mention() -> None:
+    recs = jsonl(assets.stored_path("eval/xwinograd/xwinograd_ja.jsonl"))
+    for rec in recs:
+        prefix, one, two, suffix = _differing_spans(rec["sentence1"], rec["sentence2"])
+        assert one and two and len(one) <= 20 and len(two) <= 20, rec
+        # The differing parts are the two candidates (less any shared edge), both mentioned in the shared text.
+        assert one in prefix + "\0" + suffix and two in prefix + "\0" + suffix, rec
+        assert rec["answer"] in ("1", "2")
+    assert 400 < sum(rec["answer"] == "1" for rec in recs) < 560
+
+
+def test_xwinograd_en_blank_and_options() -> None:
+    recs = jsonl(assets.stored_path("eval/xwinograd/xwinograd_en.jsonl"))
+    assert all(rec["sentence"].count("_") == 1 and rec["answer"] in ("1", "2") for rec in recs)
+    assert all(re.search(r"(?<!\w)_(?!\w)", rec["sentence"]) for rec in recs)  # "_" stands for whole words
+    first = recs[0]
+    assert first["sentence"] == "The city councilmen refused the demonstrators a permit because _ feared violence."
+    assert (first["option1"], first["option2"], first["answer"]) == ("The city councilmen", "the demonstrators", "1")
+    # The options are spans of the sentence, except one row whose second candidate contains the pronoun itself.
+    outside = [rec for rec in recs if rec["option1"] not in rec["sentence"] or rec["option2"] not in rec["sentence"]]
+    assert [rec["option2"] for rec in outside] == ["their mothers"]
+
+
+def test_hellaswag_sample() -> None:
+    recs = jsonl(assets.stored_path("eval/hellaswag/hellaswag_val.jsonl"))
+    inds = [rec["ind"] for rec in recs]
+    assert inds == sorted(set(inds)) and 0 <= inds[0] and inds[-1] < 10042
+    assert inds == sorted(random.Random(20261124).sample(range(10042), 1000))
+    for rec in recs:
+        assert type(rec["label"]) is int and rec["label"] in range(4)
+        assert len(rec["choices"]) == 4 and all(isinstance(c, str) and c for c in rec["choices"])
+        assert ": " in rec["query"] and rec["query"] == rec["query"].strip()
+    assert all(sum(rec["label"] == k for rec in recs) > 200 for k in range(4))
