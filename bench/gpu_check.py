@@ -266,8 +266,8 @@ def part_evaluate(work: Path, s: dict[str, Any], gpu: bool) -> dict[str, Any]:
     """The demo model's scores on the device against the CPU's, with the evaluate stage's scorers."""
     import torch
 
-    from eval.tasks import mc_items
     from eval.perplexity import bits_per_byte
+    from eval.tasks import mc_items
     from pipeline.config import load_config
 
     check_break("evaluate")

@@ -131,6 +131,7 @@ def generate_until(model: Any, tokenizer: Any, prompts: list[list[int]], until: 
     device of its parameters."""
     import torch
     from tqdm import tqdm
+    from transformers import GenerationConfig
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -151,9 +152,13 @@ def generate_until(model: Any, tokenizer: Any, prompts: list[list[int]], until: 
                 mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch],
                                     device=device)
                 with torch.inference_mode():
+                    # Stated explicitly: generate() fills unset fields from the folder's generation_config, whose
+                    # repetition penalty or no-repeat n-grams must not change greedy decoding.
                     generated = model.generate(
-                        input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True,
+                        input_ids=input_ids, attention_mask=mask, use_cache=True,
+                        generation_config=GenerationConfig(
+                            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=pad, repetition_penalty=1.0, no_repeat_ngram_size=0),
                         stopping_criteria=_stop_criteria(tokenizer, until, width))
                 for row, i in enumerate(batch):
                     outputs[i] = cut_at_stops(_decode_until_eos(tokenizer, generated[row, width:].tolist()), until)

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness tasks on an already loaded model: an optional engine beside `eval.jglue`.
+"""lm-evaluation-harness tasks on an already loaded model: an optional engine beside `eval.multiple_choice`.
 
     pip install -e ".[lm-eval]"
 
@@ -36,30 +36,30 @@ Start token (read in lm-eval 0.4.13 and measured with transformers 5.25):
 * jpadapt always puts one start token first (BOS, else EOS: `eval.perplexity.start_token_id`; for Qwen EOS,
   where the harness alone would put nothing). To score the same sequences, the harness gets a copy of the
   tokenizer whose post-processor puts exactly that token first and nothing after (an EOS the tokenizer
-  appends is dropped: eval.jglue scores none), and `add_bos_token=True`; the caller's tokenizer is not
+  appends is dropped: eval.multiple_choice scores none), and `add_bos_token=True`; the caller's tokenizer is not
   changed (HFLM also sets a pad token on the one it gets). The ids the harness puts first are recorded in
   `settings.start_tokens`. A tokenizer without a `tokenizers` backend is used as it is, with a warning if its
   first ids differ, and refused if it appends ids: the harness's context/continuation split would then score
   the wrong tokens.
 
-Log-likelihood (HFLM `_encode_pair` and `_loglikelihood_tokens`; the same definition as `eval.jglue`):
+Log-likelihood (HFLM `_encode_pair` and `_loglikelihood_tokens`; the same definition as `eval.multiple_choice`):
 trailing whitespace of the context moves onto the continuation; context and context + continuation are
 tokenized separately and the continuation's tokens are the whole's tokens after the context's; loglik is
 the sum of log p(continuation token | everything before it); `acc` is the argmax of loglik, `acc_norm` of
-loglik / len(choice text) in characters. With the start token above, the harness and `eval.jglue` score the
+loglik / len(choice text) in characters. With the start token above, the harness and `eval.multiple_choice` score the
 same token ids. Measured on a tiny float32 LLaMA, JCommonsenseQA per choice: max |difference| 7.6e-6 nats
 over 20 items (tests/test_harness.py), 1.5e-5 over 100, no prediction differs (float32 vs float64 sums);
 without the start token up to 9 nats. A bf16 model's forward pass itself depends on the batch shapes:
-`eval.jglue` alone moves by ~0.03 nats between batch sizes 1 and 8, and the two engines differ by ~0.04.
+`eval.multiple_choice` alone moves by ~0.03 nats between batch sizes 1 and 8, and the two engines differ by ~0.04.
 Differences that remain: the harness left-truncates a sequence longer than the model's positions (with a
-warning) where `eval.jglue` refuses it, and it fails with an AssertionError on a continuation with no token of
-its own where `eval.jglue` raises a JpadaptError.
+warning) where `eval.multiple_choice` refuses it, and it fails with an AssertionError on a continuation with no token of
+its own where `eval.multiple_choice` raises a JpadaptError.
 
 Batching (HFLM): requests are sorted by length of context + continuation, longest first, and cut into
 batches of `batch_size`; each batch is right-padded with id 0 and run in one forward pass without an
 attention mask (causal: padding only follows the real tokens); the full logits of the batch are kept and
 log-softmaxed in `softmax_dtype`, which is set to float32 here (the harness default is the model's dtype: a
-bf16 model would be scored in bf16; `eval.jglue` also uses float32). Multiple-choice requests whose
+bf16 model would be scored in bf16; `eval.multiple_choice` also uses float32). Multiple-choice requests whose
 continuation is one token and that share a context are answered from one forward pass (`logits_cache`).
 
 Side effects, undone on return: the model is put in eval mode (its mode is restored) and the global random,
@@ -162,6 +162,13 @@ def run_harness_tasks(
                 "bootstrap_iters": bootstrap_iters, "include_path": None if include_path is None else str(include_path),
                 "start_tokens": start_tokens}
     return {"version": lm_eval.__version__, "settings": settings, **_collect(results)}
+
+
+def check_harness_tasks(tasks: list[str], include_path: Path | None) -> None:
+    """Fail now, before any model loads, when the extra is missing or a task name is unknown."""
+    _require()
+    _check_arguments(tasks, include_path, None, 1, None, 0)
+    _check_names(tasks, _task_manager(include_path))
 
 
 def _check_arguments(tasks: list[str], include_path: Path | None, limit: int | None, batch_size: int,
@@ -271,7 +278,7 @@ def _start_token_tokenizer(tokenizer: Any) -> tuple[Any, list[int]]:
                            "score the wrong continuation tokens; give it a tokenizer that does not")
     if prefix != ([] if start is None else [start]):
         logging.getLogger(__name__).warning(
-            "lm-eval puts token ids %s first, not the start token %s that eval.jglue puts first (%s is not a "
+            "lm-eval puts token ids %s first, not the start token %s that eval.multiple_choice puts first (%s is not a "
             "tokenizers-backed tokenizer): its figures are not directly comparable", prefix, start,
             type(tokenizer).__name__)
     return harness_tokenizer, prefix

@@ -158,6 +158,8 @@ def _split_whitespace(context: str, continuation: str) -> tuple[str, str]:
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     # verbose=False: a few-shot prompt may pass the tokenizer's model_max_length, which is the caller's choice.
+    if not texts:  # a fast tokenizer raises IndexError on an empty batch
+        return []
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 

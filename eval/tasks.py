@@ -197,7 +197,7 @@ def _jcqa_leaderboard(r: dict[str, Any], _: int) -> Doc:
     choices = tuple(r[f"choice{i}"] for i in range(5))
     label = int(r["label"])
     listed = "".join(f"- {c}\n" for c in choices)
-    text = f"### 指示：\n出力は以下から選択してください：\n{listed}### 入力：\n{r['question']}\n\n### 応答："
+    text = f"### 指示：\n出力は以下から選択してください：\n{listed}\n### 入力：\n{r['question']}\n\n### 応答："
     return Doc(str(r["q_id"]), text, choices[label], choices, label, group=str(r["q_id"]))
 
 

@@ -1,5 +1,5 @@
 """eval/harness.py on a tiny random LLaMA over a byte-level BPE: the bundled JCommonsenseQA run through
-lm-evaluation-harness (a local task YAML with eval.jglue's prompt) equals eval.jglue item by item, the result is
+lm-evaluation-harness (a local task YAML with eval.multiple_choice's prompt) equals eval.multiple_choice item by item, the result is
 plain JSON whose accuracy recomputes from its samples, and the errors a user gets before any model work.
 Skipped as a whole without the `lm-eval` extra (tests/test_harness_missing.py covers that case).
 
@@ -18,7 +18,8 @@ import torch
 
 from data.assets import materialize
 from eval.harness import _start_token_tokenizer, run_harness_tasks
-from eval.jglue import accuracy, load_task, score_items
+from eval.multiple_choice import accuracy, score_items
+from eval.tasks import mc_items
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError
 from pipeline.models import load_causal_lm
@@ -32,7 +33,7 @@ TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
               "initializer_range": 0.25}  # large random weights: choices differ by several nats
 
-# eval.jglue's "jcommonsenseqa" prompt: context `質問: {question}\n答え:`, choices ` {choiceN}`.
+# eval.multiple_choice's "jcommonsenseqa" prompt: context `質問: {question}\n答え:`, choices ` {choiceN}`.
 JCQA_YAML = """\
 task: jcqa_local
 dataset_path: json
@@ -69,7 +70,7 @@ def tasks_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [item.context + choice for item in load_task("jcommonsenseqa")[:300] for choice in item.choices]
+    texts = [item.context + choice for item in mc_items("jcommonsenseqa")[:300] for choice in item.choices]
     return byte_bpe_tokenizer(texts)
 
 
@@ -94,7 +95,7 @@ def harness_run(model, tokenizer, tasks_dir):
 
 def test_jcommonsenseqa_through_the_harness_equals_eval_jglue_item_by_item(harness_run, model, tokenizer):
     result = harness_run["result"]
-    items = load_task("jcommonsenseqa")[:LIMIT]
+    items = mc_items("jcommonsenseqa")[:LIMIT]
     scores = score_items(model, tokenizer, items, batch_size=8, progress=False)
     samples = [s for s in result["samples"] if s["task"] == "jcqa_local"]
     assert [s["doc_id"] for s in samples] == list(range(LIMIT))

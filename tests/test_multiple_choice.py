@@ -1,5 +1,6 @@
-"""eval/multiple_choice.py: the bundled JGLUE files, harness-style multiple-choice scoring on a tiny random LLaMA with the
-bundled LLaMA-2 tokenizer, the metrics and the few-shot draw.
+"""eval/multiple_choice.py: harness-style multiple-choice scoring on a tiny random LLaMA with the bundled LLaMA-2
+tokenizer (items from eval.tasks), multiple-input items, and the metrics. Loading, prompts and few-shot draws of the
+tasks are tested in tests/test_tasks.py.
 
 Forced answers: the model's lm_head is replaced by a zero-weight linear layer whose bias is +20 on chosen
 tokens and -20 on all others, so every position predicts the same distribution and a choice made only of
@@ -8,33 +9,25 @@ favored tokens out-scores any choice with an unfavored token by about 40 nats pe
 
 from __future__ import annotations
 
-import lzma
 import math
-from collections import Counter
 
 import pytest
 import torch
 
-from data.assets import stored_path
 from eval.multiple_choice import (
-    JNLI_LABELS,
     ChoiceScores,
     Item,
     accuracy,
     chance_and_majority,
-    fewshot_examples,
-    fewshot_prefix,
-    load_task,
+    longest_request,
     score_items,
     wilson_interval,
 )
+from eval.tasks import get_task, mc_items
 from pipeline.config import ModelConfig
 from pipeline.errors import JpadaptError
 from pipeline.models import load_causal_lm
 from tokenizer.hf import load_hf_tokenizer
-
-JCQA_VALID = "eval/jglue/jcommonsenseqa-v1.3/valid-v1.3.json"
-JNLI_VALID = "eval/jglue/jnli-v1.3/valid-v1.3.json"
 
 # Every choice is one LLaMA-2 token ("▁apple", ...); the correct ones share no token with the wrong ones.
 HAND_ITEMS = [
@@ -42,11 +35,6 @@ HAND_ITEMS = [
     Item("b", "Q: Which is a color?\nA:", (" cloud", " green", " house"), 1),
     Item("c", "Q: Which is a fruit too?\nA:", (" table", " window", " orange"), 2),
 ]
-
-
-def line_count(asset: str) -> int:
-    with lzma.open(stored_path(asset), "rt", encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
 
 
 @pytest.fixture(scope="module")
@@ -98,45 +86,11 @@ def choice_tokens(tokenizer, pick) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def test_jcommonsenseqa_valid_has_five_choices_and_labels_in_range():
-    items = load_task("jcommonsenseqa")
-    assert len(items) == line_count(JCQA_VALID)
-    assert all(len(item.choices) == 5 and 0 <= item.label < 5 for item in items)
-    assert all(item.context.startswith("質問: ") and item.context.endswith("\n答え:") for item in items)
-    assert all(choice.startswith(" ") for item in items for choice in item.choices)
-    assert len({item.id for item in items}) == len(items)
-
-
-def test_jcommonsenseqa_train_is_bundled_and_disjoint_from_valid():
-    train = load_task("jcommonsenseqa", "train")
-    assert len(train) == line_count("eval/jglue/jcommonsenseqa-v1.3/train-v1.3.json")
-    assert not {item.id for item in train} & {item.id for item in load_task("jcommonsenseqa")}
-
-
-def test_jnli_valid_maps_the_three_label_strings():
-    items = load_task("jnli")
-    assert len(items) == line_count(JNLI_VALID)
-    assert all(item.choices == (" 含意", " 矛盾", " 中立") for item in items)
-    labels = Counter(JNLI_LABELS[item.label] for item in items)
-    # The file's label strings, counted independently of the parser.
-    with lzma.open(stored_path(JNLI_VALID), "rt", encoding="utf-8") as f:
-        expected = Counter(line.split('"label": "')[1].split('"')[0] for line in f if line.strip())
-    assert labels == expected
-    assert set(labels) == set(JNLI_LABELS)
-
-
-def test_unknown_task_or_split_is_a_clear_error():
-    with pytest.raises(JpadaptError, match="unknown JGLUE task"):
-        load_task("jsquad")
-    with pytest.raises(JpadaptError, match="no bundled 'train' split"):
-        load_task("jnli", "train")
+# Baselines
 
 
 def test_chance_and_majority():
-    chance, majority = chance_and_majority(load_task("jnli"))
+    chance, majority = chance_and_majority(mc_items("jnli"))
     assert chance == pytest.approx(1 / 3)
     assert majority == pytest.approx(1350 / 2434)
     assert chance_and_majority(HAND_ITEMS) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
@@ -177,9 +131,10 @@ def direct_loglik(model, tokenizer, context: str, choice: str) -> float:
 
 
 def test_loglik_matches_a_direct_computation(random_model, tokenizer):
-    pool = load_task("jcommonsenseqa", "train")
-    prefix = fewshot_prefix("jcommonsenseqa", fewshot_examples("jcommonsenseqa", 2, seed=0, pool=pool, exclude_id=None))
-    items = load_task("jcommonsenseqa")[:2] + load_task("jnli")[:1]
+    spec = get_task("jcommonsenseqa")
+    prefix = spec.prefix(spec.fewshot(spec.load()[0], 2, seed=0, pool=spec.load("train")))
+    assert prefix.count("\n\n") == 2 and prefix.startswith("質問: ")
+    items = mc_items("jcommonsenseqa")[:2] + mc_items("jnli")[:1]
     scores = score_items(random_model, tokenizer, items, prefix=prefix, batch_size=4)
     for item, s in zip(items, scores):
         expected = [direct_loglik(random_model, tokenizer, prefix + item.context, c) for c in item.choices]
@@ -189,8 +144,57 @@ def test_loglik_matches_a_direct_computation(random_model, tokenizer):
         assert all(ll < 0 for ll in s.loglik)
 
 
+def test_multiple_input_item_scores_each_context_with_the_shared_continuation(random_model, tokenizer):
+    """The harness's "multiple input" mode (XWinograd): choice i is `contexts[i] + choices[i]`; `context` is unused."""
+    contexts = ("The city councilmen refused the demonstrators a permit because the city councilmen",
+                "The city councilmen refused the demonstrators a permit because the demonstrators")
+    item = Item("w", "never read", (" feared violence.",) * 2, 0, contexts=contexts)
+    swapped = Item("w2", "", item.choices, 1, contexts=contexts[::-1])
+    prefix = "Q: Which is a fruit?\nA: apple\n\n"
+    scores = score_items(random_model, tokenizer, [item, swapped], prefix=prefix, batch_size=3)
+    expected = [direct_loglik(random_model, tokenizer, prefix + context, " feared violence.") for context in contexts]
+    assert scores[0].loglik == pytest.approx(expected, abs=1e-5)
+    assert scores[1].loglik == pytest.approx(expected[::-1], abs=1e-5)
+    assert expected[0] != pytest.approx(expected[1], abs=1e-3)  # the contexts do change the score
+    assert scores[0].chars == (len("feared violence."),) * 2
+    n = len(continuation_ids(tokenizer, prefix + contexts[0], " feared violence."))
+    assert scores[0].tokens[0] == n >= 3
+    assert item.context_of(1) == contexts[1] and HAND_ITEMS[0].context_of(2) == HAND_ITEMS[0].context
+
+
+def test_trailing_whitespace_of_the_context_moves_onto_the_choice(random_model, tokenizer):
+    """A context ending in a space is scored as the context without it and the choice with it (harness
+    `_encode_pair`): "A: " + "apple" scores like "A:" + " apple", one token "▁apple"."""
+    moved = Item("s", "Q: Which is a fruit?\nA: ", ("apple", "river"), 0)
+    [scores] = score_items(random_model, tokenizer, [moved])
+    expected = [direct_loglik(random_model, tokenizer, "Q: Which is a fruit?\nA:", c) for c in (" apple", " river")]
+    assert scores.loglik == pytest.approx(expected, abs=1e-5)
+    assert scores.tokens == (1, 1)
+
+
+def test_a_choice_without_a_token_of_its_own_is_an_error(random_model, tokenizer):
+    with pytest.raises(JpadaptError, match="gives no token of its own"):
+        score_items(random_model, tokenizer, [Item("e", "Q: x\nA:", (" apple", ""), 0)])
+
+
+def test_longest_request_counts_the_start_token_and_the_prefix(random_model, tokenizer):
+    prefix = "Q: Which is a fruit?\nA: apple\n\n"
+    lengths = {item.id: 1 + max(len(tokenizer(prefix + item.context + c, add_special_tokens=False)["input_ids"])
+                                for c in item.choices) for item in HAND_ITEMS}
+    longest = max(lengths.values())
+    assert longest_request(tokenizer, HAND_ITEMS, prefix) == (longest, next(i for i, n in lengths.items()
+                                                                             if n == longest))
+    with pytest.raises(JpadaptError, match="more than the model's 8 positions"):
+        score_items(random_model, tokenizer, HAND_ITEMS[:1], max_length=8)
+
+
+def test_no_items_give_no_requests(random_model, tokenizer):
+    assert longest_request(tokenizer, []) == (0, "")  # its max(..., default=(0, "")) means to allow this
+    assert score_items(random_model, tokenizer, [], progress=False) == []
+
+
 def test_batch_size_does_not_change_scores(random_model, tokenizer):
-    items = load_task("jcommonsenseqa")[:6] + load_task("jnli")[:4]
+    items = mc_items("jcommonsenseqa")[:6] + mc_items("jnli")[:4]
     one = score_items(random_model, tokenizer, items, batch_size=1)
     eight = score_items(random_model, tokenizer, items, batch_size=8)
     for a, b in zip(one, eight, strict=True):
@@ -253,37 +257,3 @@ def test_accuracy_carries_the_interval():
     assert (result.correct, result.total, result.accuracy) == (50, 100, 0.5)
     assert (result.ci_low, result.ci_high) == wilson_interval(50, 100)
     assert math.isnan(accuracy([], [], normalized=True).accuracy)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Few-shot
-
-
-def test_fewshot_examples_are_seeded():
-    pool = load_task("jcommonsenseqa", "train")
-    first = fewshot_examples("jcommonsenseqa", 3, seed=7, pool=pool, exclude_id=None)
-    assert len(first) == 3
-    assert first == fewshot_examples("jcommonsenseqa", 3, seed=7, pool=pool, exclude_id=None)
-    assert first != fewshot_examples("jcommonsenseqa", 3, seed=8, pool=pool, exclude_id=None)
-
-
-def test_fewshot_examples_never_include_the_excluded_item():
-    pool = load_task("jnli")
-    for seed in range(20):
-        drawn = fewshot_examples("jnli", 4, seed=seed, pool=pool, exclude_id=None)
-        # Exclude an item the draw would otherwise contain: it must be replaced, still 4 examples.
-        excluded = drawn[seed % 4].id
-        again = fewshot_examples("jnli", 4, seed=seed, pool=pool, exclude_id=excluded)
-        assert len(again) == 4 and excluded not in {ex.id for ex in again}
-    small = pool[:3]
-    assert len(fewshot_examples("jnli", 2, seed=0, pool=small, exclude_id=small[0].id)) == 2
-    with pytest.raises(JpadaptError, match="pool has only 2"):
-        fewshot_examples("jnli", 3, seed=0, pool=small, exclude_id=small[0].id)
-
-
-def test_fewshot_prefix_renders_solved_examples_separated_by_blank_lines():
-    prefix = fewshot_prefix("jnli", HAND_ITEMS[:2])
-    assert prefix == "Q: Which is a fruit?\nA: apple\n\nQ: Which is a color?\nA: green\n\n"
-    assert fewshot_prefix("jnli", []) == ""
-    with pytest.raises(JpadaptError, match="unknown JGLUE task"):
-        fewshot_prefix("jsquad", [])
