@@ -299,7 +299,8 @@ def get_task(name: str) -> TaskSpec:
     if spec is None:
         import difflib
 
-        close = difflib.get_close_matches(name, TASKS, n=3)
+        close = [t for t in TASKS if name in t] + difflib.get_close_matches(name, TASKS, n=3)
+        close = list(dict.fromkeys(close))[:3]
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(TASKS)}"
         raise JpadaptError(f"unknown evaluation task {name!r}{hint}")
     return spec

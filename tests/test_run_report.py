@@ -80,7 +80,7 @@ def workspace(tmp_path_factory) -> Path:
                 "gradient_checkpointing": False, "accelerator": "cpu", "eval_every": 2, "eval_examples": 4,
                 "generate": 2, "max_new_tokens": 4},
         "evaluate": {"max_chars": 2000, "window": 32, "stride": 16, "limit": 4, "max_new_tokens": 4,
-                     "accelerator": "cpu"},
+                     "tasks": ["jcommonsenseqa", "hellaswag"], "num_fewshot": [0], "accelerator": "cpu"},
     }
     for name, config in (("small", small), ("full", full)):
         (root / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -280,7 +280,7 @@ def test_training_sections_show_the_curves_numbers(full):
     rows = table_after(md, "### Generations")
     assert [row["instruction"] for row in rows] == [g["instruction"] for g in generations]
     for png in ("stages/cpt/forgetting.png", "stages/sft/loss.png", "stages/evaluate/bits_per_byte.png",
-                "stages/evaluate/jglue.png"):
+                "stages/evaluate/tasks.png"):
         assert (run_dir / png).is_file() and f"]({png})" in md
 
 
@@ -311,7 +311,8 @@ def test_evaluation_section_shows_every_model_of_the_run(full):
         assert row["Japanese bits/byte"] == f"{lm['ja']['bits_per_byte']:.4f}"
         assert row["English bits/byte"] == f"{lm['en']['bits_per_byte']:.4f}"
     section = md.split("## Evaluation (evaluate)")[1].split("## Reproduce")[0]
-    assert headings(section, 3)[:3] == ["What each stage did", "Held-out text: bits per byte", "JGLUE"]
+    assert headings(section, 3)[:3] == ["What each stage did", "Held-out text: bits per byte",
+                                           "Benchmark suite"]
 
 
 def test_library_and_environment_differences_between_stages_are_shown(small, tmp_path):
@@ -336,7 +337,7 @@ def test_library_and_environment_differences_between_stages_are_shown(small, tmp
 def test_html_is_self_contained_and_every_image_decodes(full):
     page = (full[0] / "report.html").read_text(encoding="utf-8")
     payloads = IMG_RE.findall(page)
-    # chars/token, forgetting curves, sft loss, evaluate's bits per byte and JGLUE
+    # chars/token, forgetting curves, sft loss, evaluate's bits per byte and task suite
     assert len(payloads) == page.count("<img") == 5
     for payload in payloads:
         image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
