@@ -138,7 +138,7 @@ def test_a_section_for_each_committed_stage_and_nested_headings(full):
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert page.count("<h1>") == 1
     assert re.findall(r"<h2>(.*?)</h2>", page) == FULL_SECTIONS
-    for stage in ("Forgetting curve", "Generations", "JGLUE"):
+    for stage in ("Forgetting curve", "Generations", "Benchmark suite"):
         assert f"<h3>{stage}</h3>" in page
 
 
