@@ -151,10 +151,6 @@ class TaskSpec:
     def prompt(self, doc: Doc, shots: list[Doc]) -> str:
         return self.prefix(shots) + doc.text
 
-    @property
-    def contexts_per_choice(self) -> bool:
-        return self.name == "xwinograd_en"
-
     def mc_item(self, doc: Doc) -> Any:
         """The eval.multiple_choice Item this task scores for `doc` (its context without the few-shot prefix)."""
         from eval.multiple_choice import Item

@@ -388,6 +388,8 @@ class EvaluateConfig(StageSection):
                                      "lm-evaluation-harness (the [lm-eval] extra) on the same models.")
     lm_eval_include_path: str | None = Field(None, description="A folder of local lm-evaluation-harness task "
                                              "YAMLs (point their datasets at local files: nothing is downloaded).")
+    lm_eval_num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples for every lm_eval_tasks "
+                                            "task; null: each task YAML's own num_fewshot.")
     prompts: list[str] = Field(default_factory=lambda: ["bundled:eval/prompts.jsonl"],
                                description="JSONL prompts for greedy generations; [] for none.")
     max_new_tokens: int = Field(64, ge=1)

@@ -206,3 +206,51 @@ def test_the_harness_tokenizer_puts_exactly_the_start_token_first(tokenizer):
     eos_too.add_eos_token = True
     assert eos_too.encode("質問 a")[-1] == tokenizer.eos_token_id
     assert _start_token_tokenizer(eos_too)[0].encode("質問 a") == [tokenizer.bos_token_id] + plain
+
+
+# ---------------------------------------------------------------------------------------------- in the stage
+
+
+def test_the_evaluate_stage_runs_harness_tasks_beside_its_own(model, tokenizer, tasks_dir, tmp_path):
+    """`evaluate.lm_eval_tasks` in a real `jpadapt evaluate`: the harness's JCommonsenseQA (same prompt as jpadapt's
+    `jcommonsenseqa` variant) gives the same accuracy as the stage's own scorer on the same items, its samples go
+    to lm_eval_samples.jsonl (not results.json), the report shows it, and an unknown name fails before any model
+    is loaded."""
+    import yaml
+
+    from pipeline.models import save_model_folder
+    from tests.helpers.cli import assert_one_line_error, jpadapt, run_cli
+    from tests.helpers.jsonl import read_jsonl
+
+    save_model_folder(model, tmp_path / "model")
+    tokenizer.save_pretrained(str(tmp_path / "model"))
+    config = {
+        "run": {"name": "t", "seed": 7, "output_dir": str(tmp_path)},
+        "model": {"path": str(tmp_path / "model")},
+        "data": {lang: {"train": f"bundled:corpus/{lang}_train.jsonl", "heldout": f"bundled:corpus/{lang}_heldout.jsonl"}
+                 for lang in ("ja", "en")},
+        "prepare": {"dedup": {"near": False}},
+        "evaluate": {"max_chars": 500, "window": 64, "stride": 32, "limit": 6, "tasks": ["jcommonsenseqa"],
+                     "num_fewshot": [0], "prompts": [], "lm_eval_tasks": ["jcqa_local"],
+                     "lm_eval_include_path": str(tasks_dir), "lm_eval_num_fewshot": 0, "accelerator": "cpu"},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+
+    unknown = run_cli("evaluate", str(path), "evaluate.lm_eval_tasks=[jcqa_locl]", cwd=tmp_path)
+    assert_one_line_error(unknown, "unknown lm-eval task 'jcqa_locl'", "jcqa_local")
+    assert not (tmp_path / "t" / "stages" / "evaluate").exists()
+
+    result = jpadapt("evaluate", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stage = tmp_path / "t" / "stages" / "evaluate"
+    results = json.loads((stage / "results.json").read_text(encoding="utf-8"))
+    harness = results["lm_eval"]["base"]
+    assert "samples" not in harness and harness["settings"]["num_fewshot"] == 0
+    ours = results["tasks"]["results"]["base"]["jcommonsenseqa"]["0"]
+    for metric in ("acc", "acc_norm"):
+        assert harness["tasks"]["jcqa_local"]["metrics"][metric]["value"] == pytest.approx(ours[metric]["value"])
+    samples = read_jsonl(stage / "lm_eval_samples.jsonl")
+    assert [(s["model"], s["doc_id"]) for s in samples] == [("base", i) for i in range(6)]
+    report = (stage / "report.md").read_text(encoding="utf-8")
+    assert "## lm-evaluation-harness tasks" in report and "jcqa_local" in report

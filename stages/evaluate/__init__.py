@@ -19,6 +19,7 @@ Outputs, in `runs/<name>/stages/evaluate/`:
     predictions.jsonl  per model, task, shots and item: multiple choice: label and each choice's log-likelihood,
                        tokens, chars; generative: the generation, the gold answers and the item's metrics
     generations.jsonl  per prompt: the rendered kind, reference and every model's answer
+    lm_eval_samples.jsonl  with evaluate.lm_eval_tasks: the harness's per-item samples, per model
     report.md, report.html, bits_per_byte.png, tasks.png
 """
 
@@ -98,6 +99,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     predictions: list[dict[str, Any]] = []
+    harness_samples: list[dict[str, Any]] = []
     outputs: dict[str, list[str]] = {}
     for entry in entries:
         record, preds, answers = evaluate_model(entry, cfg, ctx, device, heldout, tasks, prompts)
@@ -105,10 +107,14 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> dict[str, Any]:
         results["lm"][entry.name] = record["lm"]
         results["tasks"]["results"][entry.name] = record["tasks"]
         if "lm_eval" in record:
+            # The harness's per-item samples (prompts included) go to their own file: results.json stays small.
+            harness_samples += [{"model": entry.name, **s} for s in record["lm_eval"].pop("samples")]
             results["lm_eval"][entry.name] = record["lm_eval"]
         predictions += preds
         outputs[entry.name] = answers
     _write_outputs(ctx.out_dir, results, predictions, prompts, outputs)
+    if settings.lm_eval_tasks:
+        _write_jsonl(ctx.out_dir / "lm_eval_samples.jsonl", harness_samples)
     if device.type == "cuda":
         # What the plan's evaluate estimate is compared with in the run report. On a CPU the process's max RSS
         # would include every stage that ran before in the same process, so nothing is recorded there.
@@ -296,9 +302,13 @@ def task_requests(settings: EvaluateConfig, seed: int) -> list[TaskRequests]:
     out = []
     for name in settings.tasks:
         spec = get_task(name)
-        docs = spec.load()[: settings.limit]
-        for shots in settings.shots(spec):
-            pool = spec.load(spec.fewshot_split) if shots and spec.fewshot_split else spec.load()
+        split = spec.load()
+        docs = split[: settings.limit]
+        shot_counts = settings.shots(spec)
+        # Each bundled file is read once per task: the few-shot pool is the evaluation split itself unless the
+        # task names another (read only when some evaluation has shots).
+        pool = spec.load(spec.fewshot_split) if spec.fewshot_split and any(shot_counts) else split
+        for shots in shot_counts:
             examples = [spec.fewshot(doc, shots, seed, pool) for doc in docs]
             if spec.kind == MULTIPLE_CHOICE:
                 groups: dict[str, list[int]] = {}
@@ -374,8 +384,7 @@ def evaluate_model(entry: ModelEntry, cfg: PipelineConfig, ctx: StageContext, de
 
             clock = time.perf_counter()
             harness = run_harness_tasks(model, tokenizer, settings.lm_eval_tasks, _include_path(settings),
-                                        settings.limit, settings.batch_size, settings.num_fewshot[0]
-                                        if settings.num_fewshot else None, ctx.seed)
+                                        settings.limit, settings.batch_size, settings.lm_eval_num_fewshot, ctx.seed)
             seconds["lm_eval"] = time.perf_counter() - clock
     finally:
         del model
@@ -497,15 +506,19 @@ def _empty_results(settings: EvaluateConfig, seed: int, device: Any, heldout: di
 def _write_outputs(out: Path, results: dict[str, Any], predictions: list[dict[str, Any]], prompts: list[Any],
                    outputs: dict[str, list[str]]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for record in predictions:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    _write_jsonl(out / "predictions.jsonl", predictions)
     with (out / "generations.jsonl").open("w", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):
             f.write(json.dumps({"id": prompt.id, "kind": prompt.kind, "prompt": prompt.text, "input": prompt.input,
                                 "reference": prompt.reference,
                                 "outputs": {name: answers[i] for name, answers in outputs.items()}},
                                ensure_ascii=False) + "\n")
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _summary(results: dict[str, Any]) -> dict[str, Any]:

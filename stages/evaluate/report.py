@@ -12,7 +12,7 @@ results.json layout (written by stages/evaluate/__init__.py):
      "lm": {model: {lang: {"tokens", "bytes", "nats", "loss", "ppl", "bits_per_byte"}}},
      "tasks": {"definitions": {task: {eval.tasks.TaskSpec.describe(), "items", "chance", "majority"}},
                "results": {model: {task: {shots: {metric: {"value", "total", "ci_low", "ci_high", "correct"?}}}}}},
-     "lm_eval": {model: eval.harness.run_harness_tasks(...)}}
+     "lm_eval": {model: eval.harness.run_harness_tasks(...) without "samples" (those are in lm_eval_samples.jsonl)}}
 Every task metric can be recomputed from predictions.jsonl: multiple choice from each choice's log-likelihood
 and length, generative from the saved generation and gold answers (eval.tasks.metric_values).
 """
