@@ -138,8 +138,10 @@ def test_unknown_task_split_or_kind_is_a_clear_error():
         get_task("hellaswg")
     with pytest.raises(JpadaptError, match="did you mean jcommonsenseqa"):
         get_task("jcommonsensqa")
-    with pytest.raises(JpadaptError, match="unknown evaluation task 'jsquad'; known: ja_leaderboard_jcommonsenseqa"):
-        get_task("jsquad")  # too far from every name for a suggestion: the list instead
+    with pytest.raises(JpadaptError, match="unknown evaluation task 'jsquad'; did you mean ja_leaderboard_jsquad"):
+        get_task("jsquad")  # a name inside a task's name is suggested
+    with pytest.raises(JpadaptError, match="unknown evaluation task 'mmlu'; known: ja_leaderboard_jcommonsenseqa"):
+        get_task("mmlu")  # too far from every name for a suggestion: the list instead
     with pytest.raises(JpadaptError, match="no bundled 'train' split; bundled: valid"):
         get_task("jnli").load("train")
     with pytest.raises(JpadaptError, match="generative task, not multiple choice"):
