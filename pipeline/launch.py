@@ -244,8 +244,33 @@ def deepspeed_launcher() -> int:
     try:
         main()
     except KeyboardInterrupt:
+        stop_descendants()
         return 130
     return 0
+
+
+def stop_descendants(grace_s: float = STOP_GRACE_S) -> None:
+    """Stop the processes this one started (DeepSpeed's per-node launcher, the workers) and wait for them, so
+    that `jpadapt` returns only when none of them can still print or write into the stage directory. After
+    Ctrl-C they had the same SIGINT (one process group); when only `jpadapt` was told (SIGTERM from `kill` or a
+    scheduler, passed on by `run_job` to this process alone) they had nothing, so each gets SIGTERM: a worker
+    ends quietly on the first signal and ignores the rest (`stop_quietly`). Those still there after `grace_s`
+    are killed."""
+    import psutil
+
+    descendants = psutil.Process().children(recursive=True)
+    for process in descendants:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(descendants, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ Stage side (the `jpadapt` process):
         # writes the typed job (a pydantic model), launches, waits; worker errors become one-line messages
 
 Worker side (every rank, `python -m stages.X.worker job.json`):
-    sys.exit(worker_main(job_file, XJob, XRecipe))   # setup, train, save, cleanup; JpadaptError ->
-                                                     # worker-error.txt, crash -> log.txt, Ctrl-C -> quiet
+    worker_exit(worker_main(job_file, XJob, XRecipe))  # setup, train, save, cleanup; JpadaptError ->
+                                                       # worker-error.txt, crash -> log.txt, Ctrl-C -> quiet
     start_worker, deepspeed_config, lr_schedule, initialize, MetricsLogger, progress, grad_norm, peak_memory
     checkpoint_hashes, check_checkpoint, load_checkpoint, load_weights_only   # resuming without running pickles
     causal_lm_nats (the loss of both: decoder once, output layer in checkpointed chunks), engine_nats
@@ -22,13 +22,14 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, NoReturn, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -185,6 +186,22 @@ def worker_main(job_file: str, job_type: type[JobT], recipe: Callable[[JobT], Re
             log.write(f"worker rank {os.environ.get('RANK', '0')} crashed:\n{traceback.format_exc()}")
         raise
     return 0
+
+
+def worker_exit(code: int) -> NoReturn:
+    """A worker's `sys.exit(worker_main(...))`. An interrupted worker (130) ends without the interpreter's
+    shutdown: that shutdown runs the C++ destructors of the process group's threads, and one still waiting in a
+    collective the other ranks have left aborts with "terminate called without an active exception", a line on
+    the console after the stage's one-line message. Nothing is lost: metrics and TensorBoard events are flushed
+    as they are written, and a checkpoint counts only once its record is complete."""
+    if code != 130:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass(frozen=True)

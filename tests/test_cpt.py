@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -322,8 +323,10 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(workspace, tmp_path):
     process = start_cpt(config, log, stderr=tmp_path / "first.err")
     wait_for(process, log, lambda: 0 < newest_checkpoint(out) < logged_steps(out), "steps after a checkpoint")
     before = (tmp_path / "first.err").stat().st_size
+    job = job_processes(process.pid)
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=60) == 130
+    assert still_running(job) == []  # nothing of the job can print after the last line, or write on
     after = (tmp_path / "first.err").read_bytes()[before:].decode("utf-8", errors="replace")
     assert "Traceback" not in after and "KeyboardInterrupt" not in after, after
     # The lines a terminal shows, less the progress bar (redrawn after carriage returns, and the last drawing
@@ -336,6 +339,42 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(workspace, tmp_path):
     result = run_cpt(config)
     assert "resuming from step0000000" in result.stdout
     assert [m["step"] for m in read_jsonl(stage_dir(out) / "metrics.jsonl")] == list(range(1, 9))
+
+
+def test_sigterm_to_the_jpadapt_process_alone_stops_the_job(workspace, tmp_path):
+    """`kill PID`, or a scheduler that signals only the process it started: the launcher and the workers, which
+    got no signal, are stopped too, and `jpadapt` returns after they have gone, with its one line."""
+    out = tmp_path / "sigterm"
+    config = write_config(workspace, out, max_steps=500)
+    log = tmp_path / "first.log"
+    process = start_cpt(config, log, stderr=tmp_path / "first.err")
+    wait_for(process, log, lambda: logged_steps(out) > 0, "a step")
+    job = job_processes(process.pid)
+    assert len(job) >= 4  # the launcher, DeepSpeed's per-node launcher, two workers
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 130
+    assert still_running(job) == []
+    errors = (tmp_path / "first.err").read_text(encoding="utf-8", errors="replace")
+    assert "Traceback" not in errors and errors.rstrip().rsplit("\n", 1)[-1].startswith("interrupted: "), errors
+    assert state_of(jpadapt("status", str(config), cwd=out).stdout, "cpt") == "incomplete"
+
+
+def job_processes(pid: int) -> list[psutil.Process]:
+    """The launcher `jpadapt` started for the stage, and everything under it (not, say, the forkserver that
+    prepare's data library left, which ends with `jpadapt`)."""
+    launchers = [child for child in psutil.Process(pid).children() if "pipeline.launch" in child.cmdline()]
+    return [process for launcher in launchers for process in [launcher, *launcher.children(recursive=True)]]
+
+
+def still_running(processes: list[psutil.Process]) -> list[str]:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(" ".join(process.cmdline()))
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def test_verdict_says_which_way_each_language_moved():

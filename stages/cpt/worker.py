@@ -33,6 +33,7 @@ from pipeline.training import (
     peak_memory,
     progress,
     start_worker,
+    worker_exit,
     worker_main,
     write_json,
 )
@@ -427,4 +428,4 @@ def _log(message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[-1], CptJob, CptRecipe))
+    worker_exit(worker_main(sys.argv[-1], CptJob, CptRecipe))

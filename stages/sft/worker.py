@@ -29,6 +29,7 @@ from pipeline.training import (
     peak_memory,
     progress,
     start_worker,
+    worker_exit,
     worker_main,
     write_json,
 )
@@ -535,4 +536,4 @@ def _ranges(ids: list[int]) -> list[list[int]]:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[-1], SftJob, SftRecipe))
+    worker_exit(worker_main(sys.argv[-1], SftJob, SftRecipe))
