@@ -73,6 +73,14 @@ class Doc:
 
 
 @dataclass(frozen=True)
+class Scoring:
+    """How a generative task scores one generation (already cut at the stop sequences), as its harness does."""
+
+    metrics: Callable[[Doc, str], dict[str, float]]  # every metric of one item: 1.0 / 0.0, char F1 in [0, 1]
+    extract: Callable[[str], str]  # what the headline metric compared with the gold answer (for the report)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     lang: str  # "ja" | "en"
@@ -90,6 +98,7 @@ class TaskSpec:
     until: tuple[str, ...] = ()
     max_new_tokens: int = 0
     zero_shot_only: bool = False  # the harness defines no few-shot examples (Winograd schemas)
+    scoring: Scoring | None = field(default=None, repr=False)  # generative tasks
 
     # ---------------------------------------------------------------------------------------------- data
 
@@ -246,6 +255,40 @@ def _gsm8k(r: dict[str, Any], number: int) -> Doc:
                group=str(number))
 
 
+# ============================================================================= scoring generations (harness filters)
+
+_TRIM = (r"^\s+", r"\s+$")
+
+
+def _jsquad_metrics(doc: Doc, generation: str) -> dict[str, float]:
+    answer = generation.strip()  # the harness's remove_whitespace filter
+    return {"exact_match": float(_ignore(answer, _TRIM) == _ignore(doc.answers[0], _TRIM)),
+            "char_f1": max(char_f1(answer, gold) for gold in doc.answers)}
+
+
+def _mgsm_metrics(doc: Doc, generation: str) -> dict[str, float]:
+    return {"acc": float(last_integer(generation) == int(doc.answers[0]))}
+
+
+def _mgsm_extract(generation: str) -> str:
+    value = last_integer(generation)
+    return INVALID if value is None else str(value)
+
+
+_GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
+
+
+def _gsm8k_strict(generation: str) -> str:
+    return _regex_pick(generation, r"#### (\-?[0-9\.\,]+)", 0)
+
+
+def _gsm8k_metrics(doc: Doc, generation: str) -> dict[str, float]:
+    gold = _ignore(doc.answers[0], _GSM8K_IGNORE).lower()
+    flexible = _regex_pick(generation, r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1)
+    return {"exact_match": float(_ignore(_gsm8k_strict(generation), _GSM8K_IGNORE).lower() == gold),
+            "exact_match_flexible": float(_ignore(flexible, _GSM8K_IGNORE).lower() == gold)}
+
+
 # ================================================================================================== the tasks
 
 _JGLUE = "eval/jglue/"
@@ -261,11 +304,11 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              target_delimiter="\n"),
     TaskSpec("ja_leaderboard_jsquad", "ja", "JSQuAD", _LEADERBOARD, GENERATE, 2, ("exact_match", "char_f1"),
              {"valid": _JGLUE + "jsquad-v1.3/valid-v1.3.jsonl"}, _jsquad_leaderboard, description=JA_DESCRIPTION,
-             target_delimiter="\n", until=("\n\n",), max_new_tokens=64),
+             target_delimiter="\n", until=("\n\n",), max_new_tokens=64, scoring=Scoring(_jsquad_metrics, str.strip)),
     TaskSpec("ja_leaderboard_mgsm", "ja", "MGSM (ja)", _LEADERBOARD, GENERATE, 5, ("acc",),
              {"train": "eval/mgsm/mgsm_ja_train.jsonl", "test": "eval/mgsm/mgsm_ja.jsonl"}, _mgsm_leaderboard,
              eval_split="test", fewshot_split="train", description=JA_DESCRIPTION, target_delimiter="\n",
-             until=("\n\n",), max_new_tokens=256),
+             until=("\n\n",), max_new_tokens=256, scoring=Scoring(_mgsm_metrics, _mgsm_extract)),
     TaskSpec("ja_leaderboard_xwinograd", "ja", "XWinograd (ja)", _LEADERBOARD, MULTIPLE_CHOICE, 0, ("acc",),
              {"test": "eval/xwinograd/xwinograd_ja.jsonl"}, _xwinograd_ja, eval_split="test", target_delimiter="",
              zero_shot_only=True),
@@ -282,7 +325,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("gsm8k", "en", "GSM8K", HARNESS, GENERATE, 5, ("exact_match", "exact_match_flexible"),
              {"train": "eval/gsm8k/train_fewshot.jsonl", "test": "eval/gsm8k/test.jsonl"}, _gsm8k,
              eval_split="test", fewshot_split="train", until=("Question:", "</s>", "<|im_end|>"),
-             max_new_tokens=256),
+             max_new_tokens=256, scoring=Scoring(_gsm8k_metrics, _gsm8k_strict)),
 )}
 
 # The suite a run evaluates by default: every bundled task under the harness's prompts.
@@ -306,32 +349,17 @@ def get_task(name: str) -> TaskSpec:
 
 
 def metric_values(spec: TaskSpec, doc: Doc, generation: str) -> dict[str, float]:
-    """Every metric of a generative task for one generation (already cut at the stop sequences), as the
-    harness computes it per item: 1.0 / 0.0 for exact match and accuracy, char F1 in [0, 1]."""
-    if spec.name == "ja_leaderboard_jsquad":
-        answer = generation.strip()  # the harness's remove_whitespace filter
-        return {"exact_match": float(_ignore(answer, (r"^\s+", r"\s+$")) == _ignore(doc.answers[0], (r"^\s+", r"\s+$"))),
-                "char_f1": max(char_f1(answer, gold) for gold in doc.answers)}
-    if spec.name == "ja_leaderboard_mgsm":
-        return {"acc": float(last_integer(generation) == int(doc.answers[0]))}
-    if spec.name == "gsm8k":
-        ignore = (",", r"\$", r"(?s).*#### ", r"\.$")
-        gold = _ignore(doc.answers[0], ignore).lower()
-        strict = _regex_pick(generation, r"#### (\-?[0-9\.\,]+)", 0)
-        flexible = _regex_pick(generation, r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1)
-        return {"exact_match": float(_ignore(strict, ignore).lower() == gold),
-                "exact_match_flexible": float(_ignore(flexible, ignore).lower() == gold)}
-    raise JpadaptError(f"{spec.name} is not a generative task")
+    """Every metric of a generative task for one generation, as the harness computes it per item."""
+    if spec.scoring is None:
+        raise JpadaptError(f"{spec.name} is not a generative task")
+    return spec.scoring.metrics(doc, generation)
 
 
 def extracted_answer(spec: TaskSpec, generation: str) -> str:
     """What the headline metric compared with the gold answer: shown next to the gold in the report."""
-    if spec.name == "ja_leaderboard_jsquad":
-        return generation.strip()
-    if spec.name == "ja_leaderboard_mgsm":
-        value = last_integer(generation)
-        return INVALID if value is None else str(value)
-    return _regex_pick(generation, r"#### (\-?[0-9\.\,]+)", 0)
+    if spec.scoring is None:
+        raise JpadaptError(f"{spec.name} is not a generative task")
+    return spec.scoring.extract(generation)
 
 
 def _ignore(text: str, patterns: tuple[str, ...]) -> str:

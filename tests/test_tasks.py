@@ -220,7 +220,7 @@ def test_harness_settings_and_constants():
         assert (spec.description, spec.target_delimiter, spec.num_fewshot, spec.until, spec.kind) == (
             description, delimiter, shots, until, kind), name
         assert spec.harness.startswith("lm-evaluation-harness 0.4.13")
-        assert (spec.kind == GENERATE) == (spec.max_new_tokens > 0)
+        assert (spec.kind == GENERATE) == (spec.max_new_tokens > 0) == (spec.scoring is not None), name
     # The harness's few-shot split is `train` for all; JNLI's and JSQuAD's are not bundled (documented).
     assert {n: TASKS[n].fewshot_split for n in ("ja_leaderboard_jcommonsenseqa", "ja_leaderboard_mgsm", "gsm8k")} == {
         "ja_leaderboard_jcommonsenseqa": "train", "ja_leaderboard_mgsm": "train", "gsm8k": "train"}

@@ -14,7 +14,7 @@ results.json layout (written by stages/evaluate/__init__.py):
                "results": {model: {task: {shots: {metric: {"value", "total", "ci_low", "ci_high", "correct"?}}}}}},
      "lm_eval": {model: eval.harness.run_harness_tasks(...) without "samples" (those are in lm_eval_samples.jsonl)}}
 Every task metric can be recomputed from predictions.jsonl: multiple choice from each choice's log-likelihood
-and length, generative from the saved generation and gold answers (eval.tasks.metric_values).
+and length, generative from the saved generation and gold answers (eval.tasks.metric_values, the task's Scoring).
 """
 
 from __future__ import annotations
