@@ -9,8 +9,9 @@ naive scoring speed.
    lm-evaluation-harness's prompts and few-shot counts), the first `--suite-limit` items of each, next to the
    published figure for the model where one exists in a comparable setting (`PUBLISHED`).
 
-Defaults: ~20 min on 2 CPU cores. The table goes to the console and to bench/results/evaluate-gemma-<cpu|gpu>.md
-(the prepared held-out text and rows.json under runs/bench-evaluate/).
+The tables go to the console and to bench/results/evaluate-gemma-<cpu|gpu>.md, their figures to the .json beside
+it (committed: a part not rerun keeps its figures, on any clone); the report's hand-written "## Notes" section
+is kept when the tables are rewritten. The prepared held-out text lies under runs/bench-evaluate/.
 
 1. Reference: what the stage reports for the pretrained model, with the stage's own pieces: held-out text from
    the real `prepare` stage (bundled corpora, prepare defaults) cut by `stages.evaluate.heldout_texts`, JGLUE
@@ -416,7 +417,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=("suite", "reference", "speed"),
                         default=["suite", "reference", "speed"],
-                        help="a part not run keeps its previous figures (rows.json) in the report")
+                        help="a part not run keeps its previous figures (the report's .json) in the report")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 3], help="JCommonsenseQA few-shot settings")
     parser.add_argument("--jnli-shots", type=int, nargs="+", default=[0])
     parser.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
@@ -441,7 +442,8 @@ def main() -> None:
 
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     command = " ".join(["python bench/evaluate.py", *sys.argv[1:]])
-    rows_file = args.work / "rows.json"
+    out = args.out or ROOT / "bench" / "results" / f"evaluate-gemma-{'gpu' if device == 'cuda' else 'cpu'}.md"
+    rows_file = out.with_suffix(".json")
     rows: dict[str, Any] = json.loads(rows_file.read_text(encoding="utf-8")) if rows_file.is_file() else {}
     rows.update(machine=machine(device), versions=versions(), date=datetime.date.today().isoformat())
     model, tokenizer = load(gemma_folder(), device) if {"reference", "speed"} & set(args.parts) else (None, None)
@@ -473,8 +475,14 @@ def main() -> None:
         rows_file.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     text = report(rows, device)
     print(text)
-    out = args.out or ROOT / "bench" / "results" / f"evaluate-gemma-{'gpu' if device == 'cuda' else 'cpu'}.md"
-    out.write_text(text, encoding="utf-8")
+    out.write_text(text + kept_notes(out), encoding="utf-8")
+
+
+def kept_notes(report_file: Path) -> str:
+    """The hand-written "## Notes" section of the report being replaced (how to read the figures), or ""."""
+    old = report_file.read_text(encoding="utf-8") if report_file.is_file() else ""
+    start = old.find("\n## Notes")
+    return old[start + 1:] if start >= 0 else ""
 
 
 if __name__ == "__main__":
