@@ -482,7 +482,7 @@ def kept_notes(report_file: Path) -> str:
     """The hand-written "## Notes" section of the report being replaced (how to read the figures), or ""."""
     old = report_file.read_text(encoding="utf-8") if report_file.is_file() else ""
     start = old.find("\n## Notes")
-    return old[start + 1:] if start >= 0 else ""
+    return old[start:] if start >= 0 else ""
 
 
 if __name__ == "__main__":
