@@ -473,8 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except StageInterrupted as exc:
-        print(f"interrupted: stage {exc.stage} is marked incomplete; run the command again to redo it "
-              "(cpt resumes from its last checkpoint)", file=sys.stderr)
+        if exc.node:
+            print(f"interrupted: node {exc.node}'s workers of stage {exc.stage} stopped (node 0 marks the stage "
+                  "incomplete); start every node again to resume from the last checkpoint", file=sys.stderr)
+        else:
+            print(f"interrupted: stage {exc.stage} is marked incomplete; run the command again to redo it "
+                  "(cpt resumes from its last checkpoint)", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted: no stage was running; finished stages are kept", file=sys.stderr)

@@ -36,6 +36,8 @@ from pipeline.errors import JpadaptError
 
 # How long workers get to exit after Ctrl-C or a failure before they are killed.
 STOP_GRACE_S = 30
+# `python -m pipeline.launch --torchrun ARGS` runs torchrun (per-node launch); without it, DeepSpeed's launcher.
+TORCHRUN = "--torchrun"
 
 
 class LaunchSettings(Protocol):
@@ -98,7 +100,7 @@ def launch_command(module: str, args: list[str], settings: LaunchSettings, accel
     if node is not None:
         # The workers watch this process, not the pid in job.json (node 0's `jpadapt`, on another machine).
         env["JPADAPT_PARENT_PID"] = str(os.getpid())
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(settings.num_nodes),
+        argv = [sys.executable, "-m", "pipeline.launch", TORCHRUN, "--nnodes", str(settings.num_nodes),
                 "--nproc_per_node", str(settings.num_gpus), "--node_rank", str(node.rank),
                 "--master_addr", node.master_addr, "--master_port", str(settings.master_port),
                 "--rdzv_conf", f"timeout={JOIN_TIMEOUT_S}"]
@@ -273,5 +275,32 @@ def stop_descendants(grace_s: float = STOP_GRACE_S) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
+def torchrun_launcher(args: list[str]) -> int:
+    """`python -m pipeline.launch --torchrun ARGS`: torchrun with torchrun's arguments. On Ctrl-C or SIGTERM
+    torchrun stops its workers itself, then re-raises the signal as an exception whose traceback (with its
+    "death signal" warnings) would bury the stage's one line; and a second signal while it waits for them (the
+    jpadapt process passes the first on) cuts that wait short. So here the signal ends torchrun quietly, the
+    signals after it are ignored, and the workers are waited for. A failed worker is still torchrun's error
+    report, as before."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):  # its own bookkeeping; its errors still show
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        main(args)
+    except SignalException:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _ignore_signal)
+        stop_descendants()
+        return 130
+    return 0
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """Not SIG_IGN: see `stop_quietly`."""
+
+
 if __name__ == "__main__":
-    sys.exit(deepspeed_launcher())
+    sys.exit(torchrun_launcher(sys.argv[2:]) if sys.argv[1:2] == [TORCHRUN] else deepspeed_launcher())

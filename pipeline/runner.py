@@ -45,9 +45,10 @@ class StageInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM while a stage ran: its attempt is recorded as interrupted (the CLI names the stage; an
     interrupt between stages or while the report is written leaves nothing incomplete)."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, node: int = 0):
         super().__init__(stage)
         self.stage = stage
+        self.node = node  # K > 0: a joining node of a per-node launch, which records nothing itself
 
 
 @dataclass
@@ -230,7 +231,10 @@ class Pipeline:
         accelerator = pick_accelerator(name, settings.accelerator, settings.num_gpus, settings.precision)
         log = logging.getLogger(f"jpadapt.{name}")
         job = self.rundir.partial_dir(name) / JOB
-        returncode = join_workers(str(self.specs[name].worker), job, settings, accelerator, node, log)
+        try:
+            returncode = join_workers(str(self.specs[name].worker), job, settings, accelerator, node, log)
+        except KeyboardInterrupt:
+            raise StageInterrupted(name, node.rank) from None
         if returncode != 0:
             raise StageCrashed(f"{name}: node {node.rank}'s workers exited with code {returncode} (their output is "
                                f"above; a worker's traceback is in {display_path(job.parent / LOG)})")

@@ -71,7 +71,7 @@ def test_several_processes_go_through_the_deepspeed_launcher(tmp_path):
 
 def test_a_per_node_launch_runs_torchrun_for_this_nodes_processes():
     job = launch_command("stages.cpt.worker", ["job.json"], Settings(4, 3, None, 29601), "cuda", Node(2, "node-a"))
-    assert job.argv == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "3", "--nproc_per_node", "4",
+    assert job.argv == [sys.executable, "-m", "pipeline.launch", "--torchrun", "--nnodes", "3", "--nproc_per_node", "4",
                         "--node_rank", "2", "--master_addr", "node-a", "--master_port", "29601",
                         "--rdzv_conf", f"timeout={JOIN_TIMEOUT_S}", "-m", "stages.cpt.worker", "job.json"]
     assert job.world_size == 12 and job.env["DS_ACCELERATOR"] == "cuda"

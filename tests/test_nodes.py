@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers.cli import REPO, assert_one_line_error, jpadapt, state_of
@@ -29,6 +30,7 @@ from tests.test_cpt import (  # noqa: F401 (workspace is a fixture)
     newest_checkpoint,
     partial_dir,
     stage_dir,
+    still_running,
     workspace,
     write_config,
 )
@@ -137,3 +139,34 @@ def test_sigkill_of_one_node_stops_both_and_the_rerun_resumes(killed, workspace,
     resumed = read_jsonl(stage_dir(out) / "metrics.jsonl")
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     assert [m["loss"] for m in resumed] == pytest.approx(RECORDED_FULL_LOGITS["zero2"], rel=1e-5, abs=0)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", pytest.param("sigterm", marks=pytest.mark.slow)])
+def test_interrupting_the_nodes_prints_one_line_each_and_leaves_no_process(how, workspace, tmp_path):  # noqa: F811
+    """Ctrl-C at each node's terminal (SIGINT to its process group; torchrun's workers have sessions of their
+    own), or SIGTERM to each `jpadapt` alone (`kill`): every node ends with code 130 and one line, no torchrun
+    traceback or "death signal" warnings, and nothing of the job outlives its `jpadapt`."""
+    out = tmp_path / how
+    config = two_node_config(workspace, out, max_steps=500)
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = [start_node(config, rank, log) for rank, log in enumerate(logs)]
+    deadline = time.monotonic() + 240
+    while logged_steps(out) < 2:
+        assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), logs[0].read_text()
+        time.sleep(0.1)
+    job = [psutil.Process(pid) for node in nodes for pid in descendants(node.pid)]
+    before = [log.stat().st_size for log in logs]
+    for node in nodes:
+        if how == "ctrl-c":
+            os.killpg(node.pid, signal.SIGINT)
+        else:
+            os.kill(node.pid, signal.SIGTERM)
+    assert wait_all(nodes, logs, timeout=90) == [130, 130]
+    assert still_running(job) == []
+    tails = [log.read_bytes()[start:].decode("utf-8", errors="replace") for log, start in zip(logs, before)]
+    for tail in tails:
+        assert "Traceback" not in tail and "death signal" not in tail and "closing signal" not in tail, tail
+    assert tails[0].rstrip().rsplit("\n", 1)[-1].startswith("interrupted: stage cpt is marked incomplete"), tails[0]
+    assert tails[1].rstrip().rsplit("\n", 1)[-1].startswith(
+        "interrupted: node 1's workers of stage cpt stopped (node 0 marks the stage incomplete)"), tails[1]
+    assert state_of(jpadapt("status", str(config), cwd=out).stdout, "cpt") == "incomplete"
