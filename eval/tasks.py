@@ -5,11 +5,11 @@
     shots = spec.fewshot(docs[0], k=spec.num_fewshot, seed=1234)
     prompt = spec.prompt(docs[0], shots)                       # description + solved examples + the question
 
-A task's name says whose prompt it is. `ja_leaderboard_*`, `hellaswag`, `xwinograd_en` and `gsm8k` are
-lm-evaluation-harness 0.4.13's tasks of those names (the `japanese_leaderboard` group and the English stock
-tasks): the same description, `doc_to_text`, target delimiter, few-shot delimiter ("\\n\\n"), default few-shot
-count, stop sequences and metric. `jcommonsenseqa` and `jnli` are jpadapt's own shorter prompts (the only ones
-before the suite), kept as a variant: `質問: …\\n答え:` and `前提: …\\n仮説: …\\n関係:`.
+A task's name says whose prompt it is. `ja_leaderboard_*`, `hellaswag`, `xwinograd_en`, `arc_easy`,
+`arc_challenge`, `openbookqa` and `gsm8k` are lm-evaluation-harness 0.4.13's tasks of those names (the
+`japanese_leaderboard` group and the English stock tasks): the same description, `doc_to_text`, target delimiter,
+few-shot delimiter ("\\n\\n"), default few-shot count, stop sequences and metric. `jcommonsenseqa` and `jnli` are
+jpadapt's own shorter prompts (the only ones before the suite), kept as a variant: `質問: …\\n答え:` and `前提: …\\n仮説: …\\n関係:`.
 
 Every prompt is built as the harness builds it:
     description + Σ(doc_to_text(shot) + target_delimiter + target(shot) + "\\n\\n") + doc_to_text(doc)
@@ -26,7 +26,10 @@ Where this differs from the harness, on purpose or for lack of data (printed in 
   left).
 * `hellaswag` is a fixed seeded 1,000-item subset of the validation split, whose text went through
   klosax/hellaswag_text_data's preprocessing (no ctx_a / ctx_b split, so ctx_b is not capitalized);
-  `gsm8k`'s few-shot pool is the first 250 train problems. See data/bundled/SOURCES.md.
+  `gsm8k`'s few-shot pool is the first 250 train problems. `arc_easy`, `arc_challenge` and `openbookqa` have their
+  test splits only (the harness's few-shot split is train), so examples come from the test split, never the
+  asked question; their copies give every question 4 choices, where ARC has a few with 3 or 5 (under 1%).
+  See data/bundled/SOURCES.md.
 * `ja_leaderboard_jsquad` also reports character F1 (the best over the gold answers), as llm-jp-eval does.
 * Generation stops at `max_new_tokens` per task (the harness's 256, lower for short answers).
 
@@ -250,6 +253,21 @@ def _hellaswag(r: dict[str, Any], _: int) -> Doc:
     return Doc(f"hellaswag-{r['ind']}", r["query"], choices[label], choices, label, group=str(r["ind"]))
 
 
+def _ai2_choices(r: dict[str, Any]) -> tuple[tuple[str, ...], int]:
+    """ARC's and OpenBookQA's choices and the gold's position (the harness's choices.label.index(answerKey))."""
+    return tuple(r["choices"]["text"]), r["choices"]["label"].index(r["answerKey"].lstrip())
+
+
+def _arc(r: dict[str, Any], _: int) -> Doc:
+    choices, label = _ai2_choices(r)
+    return Doc(r["id"], f"Question: {r['question']}\nAnswer:", choices[label], choices, label, group=r["id"])
+
+
+def _openbookqa(r: dict[str, Any], _: int) -> Doc:
+    choices, label = _ai2_choices(r)
+    return Doc(r["id"], r["question_stem"], choices[label], choices, label, group=r["id"])
+
+
 def _gsm8k(r: dict[str, Any], number: int) -> Doc:
     return Doc(f"gsm8k-{number}", f"Question: {r['question']}\nAnswer:", r["answer"], answers=(r["answer"],),
                group=str(number))
@@ -322,6 +340,12 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              {"valid": "eval/hellaswag/hellaswag_val.jsonl"}, _hellaswag),
     TaskSpec("xwinograd_en", "en", "XWinograd (en)", HARNESS, MULTIPLE_CHOICE, 0, ("acc",),
              {"test": "eval/xwinograd/xwinograd_en.jsonl"}, _xwinograd_en, eval_split="test", zero_shot_only=True),
+    TaskSpec("arc_easy", "en", "ARC-Easy", HARNESS, MULTIPLE_CHOICE, 0, ("acc", "acc_norm"),
+             {"test": "eval/arc/arc_easy_test.jsonl"}, _arc, eval_split="test"),
+    TaskSpec("arc_challenge", "en", "ARC-Challenge", HARNESS, MULTIPLE_CHOICE, 0, ("acc_norm", "acc"),
+             {"test": "eval/arc/arc_challenge_test.jsonl"}, _arc, eval_split="test"),
+    TaskSpec("openbookqa", "en", "OpenBookQA", HARNESS, MULTIPLE_CHOICE, 0, ("acc_norm", "acc"),
+             {"test": "eval/openbookqa/openbookqa_test.jsonl"}, _openbookqa, eval_split="test"),
     TaskSpec("gsm8k", "en", "GSM8K", HARNESS, GENERATE, 5, ("exact_match", "exact_match_flexible"),
              {"train": "eval/gsm8k/train_fewshot.jsonl", "test": "eval/gsm8k/test.jsonl"}, _gsm8k,
              eval_split="test", fewshot_split="train", until=("Question:", "</s>", "<|im_end|>"),
@@ -330,7 +354,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
 
 # The suite a run evaluates by default: every bundled task under the harness's prompts.
 DEFAULT_TASKS = ("ja_leaderboard_jcommonsenseqa", "ja_leaderboard_jnli", "ja_leaderboard_jsquad", "ja_leaderboard_mgsm",
-                 "ja_leaderboard_xwinograd", "hellaswag", "xwinograd_en", "gsm8k")
+                 "ja_leaderboard_xwinograd", "hellaswag", "xwinograd_en", "arc_easy", "arc_challenge", "openbookqa",
+                 "gsm8k")
 
 
 def get_task(name: str) -> TaskSpec:

@@ -60,12 +60,17 @@ EVAL_SETS = {
     "eval/xwinograd/xwinograd_ja.jsonl": (959, ["sentence1", "sentence2", "answer"]),
     "eval/xwinograd/xwinograd_en.jsonl": (2325, ["sentence", "option1", "option2", "answer"]),
     "eval/hellaswag/hellaswag_val.jsonl": (1000, ["ind", "query", "choices", "label"]),
+    "eval/arc/arc_easy_test.jsonl": (2376, ["id", "question", "choices", "answerKey"]),
+    "eval/arc/arc_challenge_test.jsonl": (1172, ["id", "question", "choices", "answerKey"]),
+    "eval/openbookqa/openbookqa_test.jsonl": (500, ["id", "question_stem", "choices", "answerKey"]),
 }
 EVAL_LICENSES = {
     "eval/mgsm/LICENSE": "Creative Commons Attribution 4.0 International",
     "eval/gsm8k/LICENSE": "Copyright (c) 2021 OpenAI",
     "eval/xwinograd/LICENSE": "Apache License",
     "eval/hellaswag/LICENSE": "Copyright (c) 2019 Rowan Zellers",
+    "eval/arc/LICENSE": "Attribution-ShareAlike 4.0 International",
+    "eval/openbookqa/LICENSE": "Apache License",
 }
 
 
@@ -296,7 +301,7 @@ def test_eval_sets_records_and_fields(name: str) -> None:
 def test_eval_licenses_and_notices() -> None:
     for path, text in EVAL_LICENSES.items():
         assert text in (BUNDLE / path).read_text(encoding="utf-8"), path
-    for folder in ("hellaswag", "xwinograd", "mgsm"):
+    for folder in ("hellaswag", "xwinograd", "mgsm", "arc", "openbookqa"):
         assert (BUNDLE / "eval" / folder / "NOTICE").stat().st_size > 500, folder
 
 

@@ -1,6 +1,8 @@
 """eval/harness.py on a tiny random LLaMA over a byte-level BPE: the bundled JCommonsenseQA run through
 lm-evaluation-harness (a local task YAML with eval.multiple_choice's prompt) equals eval.multiple_choice item by item, the result is
-plain JSON whose accuracy recomputes from its samples, and the errors a user gets before any model work.
+plain JSON whose accuracy recomputes from its samples, and the errors a user gets before any model work. The
+harness's own `arc_easy` and `openbookqa` definitions, pointed at the bundled files, give the bundled tasks' prompts,
+choices, log-likelihoods and accuracies item by item.
 Skipped as a whole without the `lm-eval` extra (tests/test_harness_missing.py covers that case).
 
 The tokenizer's post-processor adds no BOS, so the harness left to itself would put no start token first;
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +257,42 @@ def test_the_evaluate_stage_runs_harness_tasks_beside_its_own(model, tokenizer, 
     assert [(s["model"], s["doc_id"]) for s in samples] == [("base", i) for i in range(6)]
     report = (stage / "report.md").read_text(encoding="utf-8")
     assert "## lm-evaluation-harness tasks" in report and "jcqa_local" in report
+
+
+# The harness's own task definitions (its installed YAMLs, prompts and targets untouched) pointed at the bundled
+# files instead of the Hub: what the bundled task renders and scores must be exactly what the harness does.
+HARNESS_OWN = {"arc_easy": ("arc/arc_easy.yaml", "eval/arc/arc_easy_test.jsonl"),
+               "openbookqa": ("openbookqa/openbookqa.yaml", "eval/openbookqa/openbookqa_test.jsonl")}
+
+
+@pytest.mark.parametrize("name", sorted(HARNESS_OWN))
+def test_a_bundled_task_equals_the_harness_own_definition_item_by_item(name, tokenizer, tmp_path):
+    import yaml
+
+    from eval.tasks import get_task
+
+    definition, data = HARNESS_OWN[name]
+    installed = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / definition).read_text(encoding="utf-8"))
+    local = {**installed, "task": f"{name}_local", "dataset_path": "json",
+             "dataset_kwargs": {"data_files": {"test": str(materialize(data))}}, "training_split": None,
+             "validation_split": None, "test_split": "test"}
+    local.pop("dataset_name", None)
+    local.pop("tag", None)
+    (tmp_path / f"{name}_local.yaml").write_text(yaml.safe_dump(local, allow_unicode=True), encoding="utf-8")
+    # English in a tokenizer learned on Japanese takes many tokens: room for them, so the harness cuts nothing.
+    model = load_causal_lm(ModelConfig(from_config={**TINY_LLAMA, "max_position_embeddings": 1024,
+                                                    "vocab_size": len(tokenizer)}, dtype="float32"), seed=7)
+    result = run_harness_tasks(model, tokenizer, [f"{name}_local"], tmp_path, limit=LIMIT, batch_size=8,
+                               num_fewshot=0, seed=3)
+    spec = get_task(name)
+    items = [spec.mc_item(doc) for doc in spec.load()][:LIMIT]
+    scores = score_items(model, tokenizer, items, batch_size=8, progress=False)
+    samples = result["samples"]
+    assert [s["doc_id"] for s in samples] == list(range(LIMIT))
+    for sample, item, score in zip(samples, items, scores):
+        assert sample["prompt"] == item.context and sample["choices"] == list(item.choices), item.id
+        assert sample["target"] == item.label, item.id
+        assert max(abs(a - b) for a, b in zip(sample["loglik"], score.loglik, strict=True)) < 1e-4, item.id
+    metrics = result["tasks"][f"{name}_local"]["metrics"]
+    assert metrics["acc"]["value"] == accuracy(scores, items, normalized=False).accuracy
+    assert metrics["acc_norm"]["value"] == accuracy(scores, items, normalized=True).accuracy

@@ -79,6 +79,9 @@ COUNTS = [
     ("jnli", "valid", 2434),
     ("hellaswag", "valid", 1000),
     ("xwinograd_en", "test", 2325),
+    ("arc_easy", "test", 2376),
+    ("arc_challenge", "test", 1172),
+    ("openbookqa", "test", 500),
     ("gsm8k", "test", 1319),
     ("gsm8k", "train", 250),
 ]
@@ -164,7 +167,8 @@ def harness_render(template: str, record: dict) -> str:
     return harness_template(template).render(**record)
 
 
-# From lm_eval/tasks/japanese_leaderboard/*.yaml, hellaswag/hellaswag.yaml and gsm8k/gsm8k.yaml (0.4.13).
+# From lm_eval/tasks/japanese_leaderboard/*.yaml, hellaswag/hellaswag.yaml, arc/arc_easy.yaml (arc_challenge includes
+# it), openbookqa/openbookqa.yaml and gsm8k/gsm8k.yaml (0.4.13).
 YAML_JA_DESCRIPTION = "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。\n\n"
 YAML_TEXT = {
     "ja_leaderboard_jcommonsenseqa": "### 指示：\n出力は以下から選択してください：\n{% for choice in choices %}- {{ choice }}\n"
@@ -177,6 +181,9 @@ YAML_TEXT = {
     "ja_leaderboard_mgsm": "### 指示：\n与えられた問題に対して、ステップごとに答えを導き出してください。\n\n### 入力：\n{{ question | "
                            "replace('問題：', '') }}\n\n### 応答：",
     "hellaswag": "{{query}}",
+    "arc_easy": "Question: {{question}}\nAnswer:",
+    "arc_challenge": "Question: {{question}}\nAnswer:",
+    "openbookqa": "{{question_stem}}",  # the YAML's `doc_to_text: question_stem`: a column name
     "gsm8k": "Question: {{question}}\nAnswer:",
 }
 # Generative tasks' doc_to_target (multiple-choice targets are `choices[label]`).
@@ -195,6 +202,9 @@ YAML_SETTINGS = {
     "ja_leaderboard_xwinograd": ("", "", 0, (), MULTIPLE_CHOICE),
     "hellaswag": ("", " ", 0, (), MULTIPLE_CHOICE),
     "xwinograd_en": ("", " ", 0, (), MULTIPLE_CHOICE),
+    "arc_easy": ("", " ", 0, (), MULTIPLE_CHOICE),
+    "arc_challenge": ("", " ", 0, (), MULTIPLE_CHOICE),
+    "openbookqa": ("", " ", 0, (), MULTIPLE_CHOICE),
     "gsm8k": ("", " ", 5, ("Question:", "</s>", "<|im_end|>"), GENERATE),
 }
 JNLI_CLASSES = ("entailment", "contradiction", "neutral")  # the HF dataset's ClassLabel order
@@ -209,6 +219,11 @@ def harness_doc(name: str, record: dict) -> dict:
         return {**record, "choices": ["含意", "矛盾", "中立"], "gold": JNLI_CLASSES.index(record["label"])}
     if name == "hellaswag":
         return {**record, "gold": int(record["label"])}
+    if name in ("arc_easy", "arc_challenge", "openbookqa"):
+        # doc_to_choice "{{choices.text}}"; doc_to_target "{{choices.label.index(answerKey)}}" (openbookqa's with
+        # answerKey.lstrip()), rendered on the record.
+        target = "{{choices.label.index(answerKey" + (".lstrip()" if name == "openbookqa" else "") + ")}}"
+        return {**record, "choices": record["choices"]["text"], "gold": int(harness_render(target, record))}
     return record
 
 

@@ -34,11 +34,15 @@ The other evaluation sets are converted record by record (JSON lines, UTF-8, ens
   eval/xwinograd/xwinograd_en.jsonl (sentence with "_", option1, option2, answer: Muennighoff/xwinograd
   layout), from the jp and en rows of dataset.tsv; the pronoun's token span is located in the raw sentence.
 * eval/hellaswag/hellaswag_val.jsonl: ind (position in hellaswag_val.jsonl), query, choices, label.
+* eval/arc/arc_{easy,challenge}_test.jsonl and eval/openbookqa/openbookqa_test.jsonl: whole test splits from
+  mosaicml/llm-foundry's copies, in the allenai/ai2_arc and allenai/openbookqa layouts (choices lettered by
+  position, as the copies keep no labels).
 
 Not written by this script (hand-maintained, committed): NOTICE and LICENSE files of the tokenizer
 and instruct folders, the NOTICE files of eval/hellaswag, eval/xwinograd and eval/mgsm, and SOURCES.md.
-eval/jglue/LICENSE is copied from the shared snapshot; the LICENSE files of eval/mgsm, eval/gsm8k,
-eval/xwinograd and eval/hellaswag from the GitHub snapshots.
+eval/jglue/LICENSE is copied from the shared snapshot (and as eval/arc/LICENSE: ARC is CC BY-SA 4.0 too); the
+LICENSE files of eval/mgsm, eval/gsm8k, eval/xwinograd, eval/hellaswag and eval/openbookqa from the GitHub
+snapshots.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 SEED = 20261124
@@ -112,7 +116,8 @@ PLAN: dict[str, tuple[str, bool, str | None]] = {
 }
 
 # Copied beside the data, not listed in MANIFEST.json.
-PLAIN_COPIES = {"eval/jglue/LICENSE": "eval/jglue/LICENSE"}
+# ARC is CC BY-SA 4.0 like JGLUE: its legal code is the same text as JGLUE's LICENSE.
+PLAIN_COPIES = {"eval/jglue/LICENSE": "eval/jglue/LICENSE", "eval/arc/LICENSE": "eval/jglue/LICENSE"}
 
 # Written for jpadapt and kept in the bundle folder itself; listed in MANIFEST.json as they are.
 OWN_FILES = ["eval/prompts.jsonl"]
@@ -123,7 +128,10 @@ HAND_MAINTAINED = [
     "tokenizers/llama3/NOTICE", "tokenizers/llama3/LICENSE",
     "tokenizers/qwen/NOTICE", "tokenizers/llm-jp/NOTICE", "tokenizers/mistral/NOTICE",
     "instruct/NOTICE", "corpus/NOTICE", "eval/hellaswag/NOTICE", "eval/xwinograd/NOTICE", "eval/mgsm/NOTICE",
+    "eval/arc/NOTICE", "eval/openbookqa/NOTICE",
 ]
+
+LLM_FOUNDRY_DATA = "scripts/eval/local_data/"
 
 # Public GitHub repositories, read from bare git snapshots under --repos: repo -> (git dir, commit of HEAD).
 REPOS = {
@@ -134,6 +142,7 @@ REPOS = {
         "yandex-research+crosslingual_winograd/repo", "d2cfbbf7dc8f4ec66381e9651f9f5633c2df848d"),
     "klosax/hellaswag_text_data": ("klosax+hellaswag_text_data/repo", "1105d370f8340eac3c63a91fd1fa58e8999f9505"),
     "rowanz/hellaswag": ("rowanz+hellaswag/repo/.git", "a29ff8e9a04bba4bd6588223785ce105328adc57"),
+    "mosaicml/llm-foundry": ("mosaicml+llm-foundry/repo", "8c8dd48f72168c5d51e2f7b151595892a8fba43d"),
 }
 
 # sha256 of every file read from those snapshots (at the commits above).
@@ -155,6 +164,13 @@ REPO_SHA256 = {
     ("klosax/hellaswag_text_data", "hellaswag_val_full.txt.bz2"):
         "50b637899e4263c2bc456c2dc726c95d2c8cd8e2a552ea5bd7719ce3cb03fe5b",
     ("rowanz/hellaswag", "LICENSE"): "7fa4c79209aed73ac82176cae51eb565ae0f33cf4108b380121c7731953f415f",
+    ("mosaicml/llm-foundry", LLM_FOUNDRY_DATA + "world_knowledge/arc_easy.jsonl"):
+        "d2d12e59543acf9a5ef6079634a72b30215e36c2fd4236fff3bc855d287b87f5",
+    ("mosaicml/llm-foundry", LLM_FOUNDRY_DATA + "world_knowledge/arc_challenge.jsonl"):
+        "1ae3aeedf1951d881cbd5c2e3a31e78a1993d251479afbe4cb413b6707244636",
+    ("mosaicml/llm-foundry", LLM_FOUNDRY_DATA + "commonsense_reasoning/openbook_qa.jsonl"):
+        "adb2e5c7f8db810ddad4d6b2bf53dcc86dcc545499f7aafcaf42a8e179476c09",
+    ("mosaicml/llm-foundry", "LICENSE"): "6000cff1fc348ff57108619330c26d67d596bf44c68661c749a6c561cdc3fb4f",
 }
 
 # Evaluation sets built from the snapshots: logical name -> builder name (see BUILDERS); all xz-compressed.
@@ -167,6 +183,9 @@ REPO_PLAN = {
     "eval/xwinograd/xwinograd_ja.jsonl": "xwinograd_ja",
     "eval/xwinograd/xwinograd_en.jsonl": "xwinograd_en",
     "eval/hellaswag/hellaswag_val.jsonl": "hellaswag_val",
+    "eval/arc/arc_easy_test.jsonl": "arc_easy_test",
+    "eval/arc/arc_challenge_test.jsonl": "arc_challenge_test",
+    "eval/openbookqa/openbookqa_test.jsonl": "openbookqa_test",
 }
 
 # License texts copied unchanged from the snapshots, beside the data, not listed in MANIFEST.json.
@@ -175,6 +194,8 @@ REPO_COPIES = {
     "eval/gsm8k/LICENSE": ("openai/grade-school-math", "LICENSE"),
     "eval/xwinograd/LICENSE": ("yandex-research/crosslingual_winograd", "LICENSE"),
     "eval/hellaswag/LICENSE": ("rowanz/hellaswag", "LICENSE"),
+    # OpenBookQA is Apache-2.0 (AI2), the license of the repository its copy comes from: the same text.
+    "eval/openbookqa/LICENSE": ("mosaicml/llm-foundry", "LICENSE"),
 }
 
 
@@ -473,6 +494,46 @@ def build_hellaswag_val(snap: Snapshots, notes: list[str]) -> bytes:
     return jsonl_bytes(records)
 
 
+def llm_foundry_rows(snap: Snapshots, path: str) -> list[dict]:
+    rows = [json.loads(line) for line in snap.read("mosaicml/llm-foundry", LLM_FOUNDRY_DATA + path).splitlines()]
+    for number, row in enumerate(rows, 1):
+        if set(row) != {"query", "choices", "gold"} or not 0 <= row["gold"] < len(row["choices"]):
+            sys.exit(f"{path}:{number}: expected query, choices and a gold index into them")
+    return rows
+
+
+def labelled_choices(texts: list[str]) -> dict[str, list[str]]:
+    """The Hugging Face layout's choices; the copy keeps no labels, so they are lettered A, B, ... by position."""
+    return {"text": texts, "label": [chr(ord("A") + i) for i in range(len(texts))]}
+
+
+def build_arc(snap: Snapshots, notes: list[str], subset: str, name: str) -> bytes:
+    """allenai/ai2_arc layout (id, question, choices {text, label}, answerKey) from llm-foundry's copy, whose
+    query is "Question: " + the question."""
+    records = []
+    for number, row in enumerate(llm_foundry_rows(snap, f"world_knowledge/{name}.jsonl")):
+        if not row["query"].startswith("Question: "):
+            sys.exit(f"{name}.jsonl:{number + 1}: the query does not start with 'Question: '")
+        choices = labelled_choices(row["choices"])
+        records.append({"id": f"{subset}-test-{number}", "question": row["query"][len("Question: "):],
+                        "choices": choices, "answerKey": choices["label"][row["gold"]]})
+    notes.append(f"{name} test: {len(records)} questions; answer keys "
+                 + ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r['answerKey'] for r in records).items())))
+    return jsonl_bytes(records)
+
+
+def build_openbookqa_test(snap: Snapshots, notes: list[str]) -> bytes:
+    """allenai/openbookqa `main` layout (id, question_stem, choices {text, label}, answerKey), without the fact."""
+    records = []
+    for number, row in enumerate(llm_foundry_rows(snap, "commonsense_reasoning/openbook_qa.jsonl")):
+        choices = labelled_choices(row["choices"])
+        records.append({"id": f"openbookqa-test-{number}", "question_stem": row["query"], "choices": choices,
+                        "answerKey": choices["label"][row["gold"]]})
+    notes.append(f"openbookqa test: {len(records)} questions; answer keys "
+                 + ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r['answerKey'] for r in records).items())))
+    return jsonl_bytes(records)
+
+
 BUILDERS = {
     "jsquad_valid": build_jsquad_valid,
     "mgsm_test": build_mgsm_test,
@@ -482,6 +543,9 @@ BUILDERS = {
     "xwinograd_ja": build_xwinograd_ja,
     "xwinograd_en": build_xwinograd_en,
     "hellaswag_val": build_hellaswag_val,
+    "arc_easy_test": lambda snap, notes: build_arc(snap, notes, "ARC-Easy", "arc_easy"),
+    "arc_challenge_test": lambda snap, notes: build_arc(snap, notes, "ARC-Challenge", "arc_challenge"),
+    "openbookqa_test": build_openbookqa_test,
 }
 
 
