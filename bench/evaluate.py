@@ -253,7 +253,9 @@ def _token_counts(tokenizer: Any, items: list[Any]) -> dict[str, float]:
 
 # Published figures for Gemma 3 270M (pretrained) where the setting is close enough to put beside ours: Google's
 # model card (google/gemma-3-270m, Aug 2025). Nothing comparable is published for the Japanese tasks.
-PUBLISHED = {"hellaswag": ("0.409", "Google model card, 10-shot, full validation split")}
+PUBLISHED = {"hellaswag": ("0.409", "Google model card, 10-shot, full validation split"),
+             "arc_easy": ("0.577", "Google model card, 0-shot, full test split"),
+             "arc_challenge": ("0.290", "Google model card, 25-shot, full test split")}
 
 
 def suite(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
