@@ -507,30 +507,20 @@ def labelled_choices(texts: list[str]) -> dict[str, list[str]]:
     return {"text": texts, "label": [chr(ord("A") + i) for i in range(len(texts))]}
 
 
-def build_arc(snap: Snapshots, notes: list[str], subset: str, name: str) -> bytes:
-    """allenai/ai2_arc layout (id, question, choices {text, label}, answerKey) from llm-foundry's copy, whose
-    query is "Question: " + the question."""
+def build_ai2_test(snap: Snapshots, notes: list[str], path: str, id_prefix: str, question_field: str,
+                   query_prefix: str = "") -> bytes:
+    """The Hugging Face layout of AI2's multiple-choice sets (id, question field, choices {text, label},
+    answerKey: allenai/ai2_arc, allenai/openbookqa `main`) from llm-foundry's copy, whose query is
+    `query_prefix` + the question."""
     records = []
-    for number, row in enumerate(llm_foundry_rows(snap, f"world_knowledge/{name}.jsonl")):
-        if not row["query"].startswith("Question: "):
-            sys.exit(f"{name}.jsonl:{number + 1}: the query does not start with 'Question: '")
+    for number, row in enumerate(llm_foundry_rows(snap, path)):
+        if not row["query"].startswith(query_prefix):
+            sys.exit(f"{path}:{number + 1}: the query does not start with {query_prefix!r}")
         choices = labelled_choices(row["choices"])
-        records.append({"id": f"{subset}-test-{number}", "question": row["query"][len("Question: "):],
+        records.append({"id": f"{id_prefix}-test-{number}", question_field: row["query"][len(query_prefix):],
                         "choices": choices, "answerKey": choices["label"][row["gold"]]})
-    notes.append(f"{name} test: {len(records)} questions; answer keys "
-                 + ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r['answerKey'] for r in records).items())))
-    return jsonl_bytes(records)
-
-
-def build_openbookqa_test(snap: Snapshots, notes: list[str]) -> bytes:
-    """allenai/openbookqa `main` layout (id, question_stem, choices {text, label}, answerKey), without the fact."""
-    records = []
-    for number, row in enumerate(llm_foundry_rows(snap, "commonsense_reasoning/openbook_qa.jsonl")):
-        choices = labelled_choices(row["choices"])
-        records.append({"id": f"openbookqa-test-{number}", "question_stem": row["query"], "choices": choices,
-                        "answerKey": choices["label"][row["gold"]]})
-    notes.append(f"openbookqa test: {len(records)} questions; answer keys "
-                 + ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r['answerKey'] for r in records).items())))
+    keys = Counter(r["answerKey"] for r in records)
+    notes.append(f"{path}: {len(records)} questions; answer keys " + ", ".join(f"{k}: {keys[k]}" for k in sorted(keys)))
     return jsonl_bytes(records)
 
 
@@ -543,9 +533,12 @@ BUILDERS = {
     "xwinograd_ja": build_xwinograd_ja,
     "xwinograd_en": build_xwinograd_en,
     "hellaswag_val": build_hellaswag_val,
-    "arc_easy_test": lambda snap, notes: build_arc(snap, notes, "ARC-Easy", "arc_easy"),
-    "arc_challenge_test": lambda snap, notes: build_arc(snap, notes, "ARC-Challenge", "arc_challenge"),
-    "openbookqa_test": build_openbookqa_test,
+    "arc_easy_test": lambda snap, notes: build_ai2_test(
+        snap, notes, "world_knowledge/arc_easy.jsonl", "ARC-Easy", "question", "Question: "),
+    "arc_challenge_test": lambda snap, notes: build_ai2_test(
+        snap, notes, "world_knowledge/arc_challenge.jsonl", "ARC-Challenge", "question", "Question: "),
+    "openbookqa_test": lambda snap, notes: build_ai2_test(
+        snap, notes, "commonsense_reasoning/openbook_qa.jsonl", "openbookqa", "question_stem"),
 }
 
 
